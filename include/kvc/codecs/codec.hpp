@@ -1,0 +1,96 @@
+// kvc/codecs/codec.hpp: what a page codec is, and the shared base of codecs that
+// store each token's row independently.
+//
+// A codec says how the key (or value) payload of a sealed page is stored. The open
+// (newest) page of a stream is always float; sealing encodes it with the codec.
+// A codec is a type with static members only:
+//
+//   name                          printable name
+//   identity                      true when the sealed payload is the open float layout
+//   token_granular                true when one token's row can move between pages as bytes
+//   relative_error, absolute_error  per element, |decode(encode(x)) - x| <= rel*|x| + abs
+//   max_abs                       the largest magnitude the codec can represent
+//   page_bytes(page_tokens, head_dim)                  payload bytes of one sealed page
+//   encode(src, n, head_dim, page_tokens, page)        rows [0, n) of a page from float [n][head_dim]
+//   decode(page, first, n, head_dim, page_tokens, dst) rows [first, first + n) into float [n][head_dim]
+//   rows_f32(page, first, n, head_dim, page_tokens, scratch)
+//        float rows [first, first + n): a pointer into the page when identity, else
+//        decoded into scratch ([n][head_dim]) and scratch returned
+//   copy_rows(src, src_first, dst, dst_first, n, head_dim, page_tokens)
+//        moves encoded rows between pages (or within one, towards lower slots)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kvc/version.hpp"
+
+KVC_NAMESPACE_BEGIN
+namespace detail {
+
+template <class T, class = void>
+struct is_codec_impl : std::false_type {};
+
+template <class T>
+struct is_codec_impl<
+    T, std::void_t<decltype(T::name), decltype(T::identity), decltype(T::token_granular),
+                   decltype(T::relative_error), decltype(T::absolute_error), decltype(T::max_abs),
+                   decltype(T::page_bytes(1, 1)),
+                   decltype(T::encode(static_cast<const float*>(nullptr), 0, 1, 1, static_cast<std::byte*>(nullptr))),
+                   decltype(T::decode(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
+                   decltype(T::rows_f32(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
+                   decltype(T::copy_rows(static_cast<const std::byte*>(nullptr), 0, static_cast<std::byte*>(nullptr), 0, 0, 1, 1))>>
+    : std::true_type {};
+
+// Base for codecs whose sealed payload is [page_tokens][head_dim] elements of
+// Storage, one independent row per token. Derived provides encode_row_span(src, dst, count)
+// and decode_row_span(src, dst, count) over flat element arrays.
+template <class Derived, class Storage>
+struct row_codec {
+  using storage = Storage;
+  static constexpr bool token_granular = true;
+
+  static constexpr std::size_t row_bytes(int head_dim) noexcept {
+    return static_cast<std::size_t>(head_dim) * sizeof(Storage);
+  }
+  static constexpr std::size_t page_bytes(int page_tokens, int head_dim) noexcept {
+    return static_cast<std::size_t>(page_tokens) * row_bytes(head_dim);
+  }
+  static void encode(const float* src, int n, int head_dim, int /*page_tokens*/, std::byte* page) noexcept {
+    Derived::encode_span(src, reinterpret_cast<Storage*>(page), static_cast<std::size_t>(n) * head_dim);
+  }
+  static void decode(const std::byte* page, int first, int n, int head_dim, int /*page_tokens*/,
+                     float* dst) noexcept {
+    Derived::decode_span(reinterpret_cast<const Storage*>(page) + static_cast<std::size_t>(first) * head_dim, dst,
+                         static_cast<std::size_t>(n) * head_dim);
+  }
+  static const float* rows_f32(const std::byte* page, int first, int n, int head_dim, int page_tokens,
+                               float* scratch) noexcept {
+    if constexpr (Derived::identity) {
+      (void)n;
+      (void)page_tokens;
+      (void)scratch;
+      return reinterpret_cast<const float*>(page) + static_cast<std::size_t>(first) * head_dim;
+    } else {
+      decode(page, first, n, head_dim, page_tokens, scratch);
+      return scratch;
+    }
+  }
+  static void copy_rows(const std::byte* src, int src_first, std::byte* dst, int dst_first, int n, int head_dim,
+                        int /*page_tokens*/) noexcept {
+    if (n <= 0) return;
+    std::memmove(dst + static_cast<std::size_t>(dst_first) * row_bytes(head_dim),
+                 src + static_cast<std::size_t>(src_first) * row_bytes(head_dim),
+                 static_cast<std::size_t>(n) * row_bytes(head_dim));
+  }
+};
+
+}  // namespace detail
+
+// True when T satisfies the codec interface above.
+template <class T>
+inline constexpr bool is_codec_v = detail::is_codec_impl<T>::value;
+
+KVC_NAMESPACE_END
