@@ -126,10 +126,10 @@ struct stream_state {
 struct sequence {
   std::uint32_t generation = 0;
   bool live = false;
-  std::int32_t page_capacity = 0;                // page-table entries per stream
-  std::vector<page_id> pages;                    // [streams][page_capacity]
-  std::vector<stream_state> streams;             // [layers * kv_heads]
-  std::vector<std::int32_t> last_position;       // [layers]
+  std::int32_t page_capacity = 0;                         // page-table entries per stream
+  std::vector<page_id> pages;                             // [streams][page_capacity]
+  std::vector<stream_state> streams;                      // [layers * kv_heads]
+  std::vector<std::int32_t> last_position;                // [layers]
   std::vector<std::int32_t> report_before, report_after;  // [streams]
 
   page_id* table(int s) noexcept { return pages.data() + static_cast<std::size_t>(s) * page_capacity; }
@@ -176,8 +176,9 @@ class paged_kv_cache {
     const page_layout open = make_page_layout<codec::f32, codec::f32>(config.page_tokens, config.shape.head_dim);
     const page_layout sealed = make_page_layout<KeyCodec, ValueCodec>(config.page_tokens, config.shape.head_dim);
     if (sealed.bytes > open.bytes)
-      return status::error(status_code::unsupported, "cache_config: sealed pages (%zu bytes) larger than open pages (%zu)",
-                           sealed.bytes, open.bytes);
+      return status::error(status_code::unsupported,
+                           "cache_config: sealed pages (%zu bytes) larger than open pages (%zu)", sealed.bytes,
+                           open.bytes);
     if (config.capacity_bytes < open.bytes)
       return status::error(status_code::invalid_argument,
                            "cache_config: capacity_bytes %zu is smaller than one page (%zu bytes for page_tokens %d, "
@@ -289,8 +290,7 @@ class paged_kv_cache {
   }
 
   // Strided form: k and v may be slices of a larger buffer (e.g. fused QKV).
-  status append(seq_id id, int layer, const_tensor3<float> k, const_tensor3<float> v,
-                const std::int32_t* positions) {
+  status append(seq_id id, int layer, const_tensor3<float> k, const_tensor3<float> v, const std::int32_t* positions) {
     detail::sequence* s = find(id);
     if (s == nullptr) return unknown(id, "append");
     KVC_RETURN_IF_ERROR(check_layer(layer, "append"));
@@ -302,7 +302,8 @@ class paged_kv_cache {
     KVC_RETURN_IF_ERROR(detail::check_tensor(k, "append: keys", n, sh.num_kv_heads, sh.head_dim));
     KVC_RETURN_IF_ERROR(detail::check_tensor(v, "append: values", n, sh.num_kv_heads, sh.head_dim));
     if (n == 0) return ok_status();
-    if (positions == nullptr) return status::error(status_code::invalid_argument, "append: positions is a null pointer");
+    if (positions == nullptr)
+      return status::error(status_code::invalid_argument, "append: positions is a null pointer");
     std::int32_t prev = s->last_position[static_cast<std::size_t>(layer)];
     for (std::int64_t i = 0; i < n; ++i) {
       if (positions[i] <= prev)
@@ -339,8 +340,8 @@ class paged_kv_cache {
   // that sees no token gets a zero output.
   status attend(seq_id id, int layer, const float* q, const std::int32_t* q_positions, int n_queries, float* out) {
     const model_shape& sh = shape();
-    return attend(id, layer, const_tensor3<float>::contiguous(q, n_queries, sh.num_q_heads, sh.head_dim),
-                  q_positions, tensor3<float>::contiguous(out, n_queries, sh.num_q_heads, sh.head_dim));
+    return attend(id, layer, const_tensor3<float>::contiguous(q, n_queries, sh.num_q_heads, sh.head_dim), q_positions,
+                  tensor3<float>::contiguous(out, n_queries, sh.num_q_heads, sh.head_dim));
   }
 
   status attend(seq_id id, int layer, const_tensor3<float> q, const std::int32_t* q_positions, tensor3<float> out) {
@@ -349,7 +350,9 @@ class paged_kv_cache {
     KVC_RETURN_IF_ERROR(check_layer(layer, "attend"));
     const model_shape& sh = shape();
     const std::int64_t n = q.extents[0];
-    if (n < 0) return status::error(status_code::invalid_argument, "attend: n_queries %lld is negative", static_cast<long long>(n));
+    if (n < 0)
+      return status::error(status_code::invalid_argument, "attend: n_queries %lld is negative",
+                           static_cast<long long>(n));
     KVC_RETURN_IF_ERROR(detail::check_tensor(q, "attend: queries", n, sh.num_q_heads, sh.head_dim));
     KVC_RETURN_IF_ERROR(detail::check_tensor(out, "attend: out", n, sh.num_q_heads, sh.head_dim));
     if (n == 0) return ok_status();
@@ -417,7 +420,8 @@ class paged_kv_cache {
     std::int64_t* offsets = ws.alloc<std::int64_t>(static_cast<std::size_t>(count) + 1);
     if (offsets == nullptr) return exhausted(ws, "compress: keep-mask offsets");
     offsets[0] = 0;
-    for (int i = 0; i < count; ++i) offsets[i + 1] = offsets[i] + s->streams[static_cast<std::size_t>(first + i)].n_tokens;
+    for (int i = 0; i < count; ++i)
+      offsets[i + 1] = offsets[i] + s->streams[static_cast<std::size_t>(first + i)].n_tokens;
     std::uint8_t* keep = ws.alloc<std::uint8_t>(static_cast<std::size_t>(offsets[count]));
     if (keep == nullptr) return exhausted(ws, "compress: keep masks");
     std::memset(keep, 1, static_cast<std::size_t>(offsets[count]));
@@ -465,7 +469,8 @@ class paged_kv_cache {
     if (s == nullptr) return unknown(id, "view");
     KVC_RETURN_IF_ERROR(check_layer(layer, "view"));
     if (kv_head < 0 || kv_head >= shape().num_kv_heads)
-      return status::error(status_code::out_of_range, "view: kv_head %d outside [0, %d)", kv_head, shape().num_kv_heads);
+      return status::error(status_code::out_of_range, "view: kv_head %d outside [0, %d)", kv_head,
+                           shape().num_kv_heads);
     return stream_view(this, s, layer, kv_head);
   }
 
@@ -523,7 +528,8 @@ class paged_kv_cache {
     int num_streams() const noexcept { return count_; }
     stream_info info(int i) const noexcept {
       const int si = first_ + i;
-      return {si / shape().num_kv_heads, si % shape().num_kv_heads, seq_->streams[static_cast<std::size_t>(si)].n_tokens};
+      return {si / shape().num_kv_heads, si % shape().num_kv_heads,
+              seq_->streams[static_cast<std::size_t>(si)].n_tokens};
     }
     workspace& scratch() noexcept { return ws_; }
     std::uint8_t* keep(int i) noexcept { return keep_ + offsets_[i]; }
@@ -581,7 +587,7 @@ class paged_kv_cache {
     }
     page_id page(int i) const noexcept { return seq_->table(stream_index())[i]; }
 
-    row_matrix keys() const { return matrix(true); }    // [size][head_dim], dequantized
+    row_matrix keys() const { return matrix(true); }     // [size][head_dim], dequantized
     row_matrix values() const { return matrix(false); }  // [size][head_dim], dequantized
     std::vector<std::int32_t> positions() const {
       std::vector<std::int32_t> p(static_cast<std::size_t>(size()));
@@ -606,7 +612,8 @@ class paged_kv_cache {
     const detail::stream_state& st() const noexcept { return seq_->streams[static_cast<std::size_t>(stream_index())]; }
     row_matrix matrix(bool keys) const {
       row_matrix m(size(), cache_->shape().head_dim);
-      cache_->copy_stream(*seq_, stream_index(), keys ? m.data() : nullptr, keys ? nullptr : m.data(), nullptr, nullptr);
+      cache_->copy_stream(*seq_, stream_index(), keys ? m.data() : nullptr, keys ? nullptr : m.data(), nullptr,
+                          nullptr);
       return m;
     }
     const paged_kv_cache* cache_;
@@ -622,7 +629,9 @@ class paged_kv_cache {
   static seq_id make_id(std::size_t slot, std::uint32_t generation) noexcept {
     return static_cast<seq_id>((static_cast<std::uint64_t>(generation) << 32) | static_cast<std::uint64_t>(slot));
   }
-  static std::uint32_t id_slot(seq_id id) noexcept { return static_cast<std::uint32_t>(static_cast<std::uint64_t>(id)); }
+  static std::uint32_t id_slot(seq_id id) noexcept {
+    return static_cast<std::uint32_t>(static_cast<std::uint64_t>(id));
+  }
   static std::uint32_t id_generation(seq_id id) noexcept {
     return static_cast<std::uint32_t>(static_cast<std::uint64_t>(id) >> 32);
   }
@@ -736,9 +745,11 @@ class paged_kv_cache {
       ValueCodec::copy_rows(s + l.values, src_first, t + l.values, dst_first, n, d, P);
     }
     std::memmove(t + l.positions + sizeof(std::int32_t) * static_cast<std::size_t>(dst_first),
-                 s + l.positions + sizeof(std::int32_t) * static_cast<std::size_t>(src_first), sizeof(std::int32_t) * static_cast<std::size_t>(n));
+                 s + l.positions + sizeof(std::int32_t) * static_cast<std::size_t>(src_first),
+                 sizeof(std::int32_t) * static_cast<std::size_t>(n));
     std::memmove(t + l.log_weights + sizeof(float) * static_cast<std::size_t>(dst_first),
-                 s + l.log_weights + sizeof(float) * static_cast<std::size_t>(src_first), sizeof(float) * static_cast<std::size_t>(n));
+                 s + l.log_weights + sizeof(float) * static_cast<std::size_t>(src_first),
+                 sizeof(float) * static_cast<std::size_t>(n));
   }
 
   // Dequantized copy of a stream; any output may be null.
@@ -755,16 +766,22 @@ class paged_kv_cache {
       const page_layout& l = open ? open_ : sealed_;
       if (keys != nullptr) {
         float* dst = keys + row * static_cast<std::size_t>(d);
-        if (open) codec::f32::decode(base + l.keys, 0, cnt, d, P, dst);
-        else KeyCodec::decode(base + l.keys, 0, cnt, d, P, dst);
+        if (open)
+          codec::f32::decode(base + l.keys, 0, cnt, d, P, dst);
+        else
+          KeyCodec::decode(base + l.keys, 0, cnt, d, P, dst);
       }
       if (values != nullptr) {
         float* dst = values + row * static_cast<std::size_t>(d);
-        if (open) codec::f32::decode(base + l.values, 0, cnt, d, P, dst);
-        else ValueCodec::decode(base + l.values, 0, cnt, d, P, dst);
+        if (open)
+          codec::f32::decode(base + l.values, 0, cnt, d, P, dst);
+        else
+          ValueCodec::decode(base + l.values, 0, cnt, d, P, dst);
       }
-      if (pos != nullptr) std::memcpy(pos + row, base + l.positions, sizeof(std::int32_t) * static_cast<std::size_t>(cnt));
-      if (log_w != nullptr) std::memcpy(log_w + row, base + l.log_weights, sizeof(float) * static_cast<std::size_t>(cnt));
+      if (pos != nullptr)
+        std::memcpy(pos + row, base + l.positions, sizeof(std::int32_t) * static_cast<std::size_t>(cnt));
+      if (log_w != nullptr)
+        std::memcpy(log_w + row, base + l.log_weights, sizeof(float) * static_cast<std::size_t>(cnt));
       row += static_cast<std::size_t>(cnt);
     }
   }
@@ -923,8 +940,10 @@ class paged_kv_cache {
       for (int r = 0; r < cnt; ++r) kept += keep[g + r] != 0;
       g += cnt;
       pl.kept_sealed += kept;
-      if (prefix && cnt == P && kept == P) ++pl.unchanged;
-      else prefix = false;
+      if (prefix && cnt == P && kept == P)
+        ++pl.unchanged;
+      else
+        prefix = false;
     }
     pl.sealed_new = pl.unchanged + (pl.kept_sealed - pl.unchanged * P + P - 1) / P;
     if (has_open) {
@@ -935,7 +954,8 @@ class paged_kv_cache {
     return pl;
   }
 
-  bool dry_run_compress(const detail::sequence& s, int si, const detail::stream_plan& pl, pool_counts& c) const noexcept {
+  bool dry_run_compress(const detail::sequence& s, int si, const detail::stream_plan& pl,
+                        pool_counts& c) const noexcept {
     const page_id* t = s.table(si);
     for (std::int32_t j = pl.unchanged; j < pl.sealed_new; ++j)
       if (pool_.refcount(t[j]) > 1 && !c.take_sealed()) return false;
@@ -959,7 +979,7 @@ class paged_kv_cache {
         KVC_ASSERT(t[j] != no_page);
       }
     }
-    std::int64_t g = static_cast<std::int64_t>(pl.unchanged) * P;  // keep index of the first token of page j
+    std::int64_t g = static_cast<std::int64_t>(pl.unchanged) * P;    // keep index of the first token of page j
     std::int64_t dst = static_cast<std::int64_t>(pl.unchanged) * P;  // next destination slot, over the sealed pages
     for (std::int32_t j = pl.unchanged; j < pl.sealed_old; ++j) {
       const int cnt = page_count_[static_cast<std::size_t>(src[j])];
@@ -980,7 +1000,8 @@ class paged_kv_cache {
       g += cnt;
     }
     for (std::int32_t j = pl.unchanged; j < pl.sealed_new; ++j)
-      page_count_[static_cast<std::size_t>(t[j])] = j + 1 < pl.sealed_new ? P : static_cast<int>(pl.kept_sealed - static_cast<std::int64_t>(j) * P);
+      page_count_[static_cast<std::size_t>(t[j])] =
+          j + 1 < pl.sealed_new ? P : static_cast<int>(pl.kept_sealed - static_cast<std::int64_t>(j) * P);
     for (std::int32_t j = pl.unchanged; j < pl.sealed_old; ++j)
       if (j >= pl.sealed_new || t[j] != src[j]) freed += pool_.release(src[j]) ? 1 : 0;
     std::int32_t n_pages = pl.sealed_new;

@@ -53,25 +53,22 @@ inline std::size_t default_workspace_bytes(const cache_config& c) noexcept {
 inline status validate(const cache_config& c) noexcept {
   const model_shape& s = c.shape;
   if (s.num_layers < 1)
-    return status::error(status_code::invalid_argument, "cache_config: num_layers is %d, must be >= 1",
-                         s.num_layers);
+    return status::error(status_code::invalid_argument, "cache_config: num_layers is %d, must be >= 1", s.num_layers);
   if (s.num_kv_heads < 1)
-    return status::error(status_code::invalid_argument,
-                         "cache_config: num_kv_heads is %d, must be >= 1", s.num_kv_heads);
+    return status::error(status_code::invalid_argument, "cache_config: num_kv_heads is %d, must be >= 1",
+                         s.num_kv_heads);
   if (s.num_q_heads < 1 || s.num_q_heads % s.num_kv_heads != 0)
     return status::error(status_code::invalid_argument,
-                         "cache_config: num_q_heads %d must be a positive multiple of num_kv_heads %d",
-                         s.num_q_heads, s.num_kv_heads);
+                         "cache_config: num_q_heads %d must be a positive multiple of num_kv_heads %d", s.num_q_heads,
+                         s.num_kv_heads);
   if (s.head_dim < 1 || s.head_dim > max_head_dim)
-    return status::error(status_code::invalid_argument,
-                         "cache_config: head_dim %d outside [1, %d]", s.head_dim, max_head_dim);
+    return status::error(status_code::invalid_argument, "cache_config: head_dim %d outside [1, %d]", s.head_dim,
+                         max_head_dim);
   if (c.page_tokens < 1 || c.page_tokens > max_page_tokens)
-    return status::error(status_code::invalid_argument,
-                         "cache_config: page_tokens %d outside [1, %d]", c.page_tokens,
+    return status::error(status_code::invalid_argument, "cache_config: page_tokens %d outside [1, %d]", c.page_tokens,
                          max_page_tokens);
   if (c.max_context < 1)
-    return status::error(status_code::invalid_argument,
-                         "cache_config: max_context is %d, must be >= 1", c.max_context);
+    return status::error(status_code::invalid_argument, "cache_config: max_context is %d, must be >= 1", c.max_context);
   return ok_status();
 }
 

@@ -31,9 +31,7 @@ namespace detail {
 
 inline constexpr std::size_t page_alignment = 64;
 
-constexpr std::size_t align_up(std::size_t n, std::size_t a = page_alignment) noexcept {
-  return (n + a - 1) / a * a;
-}
+constexpr std::size_t align_up(std::size_t n, std::size_t a = page_alignment) noexcept { return (n + a - 1) / a * a; }
 
 struct aligned_free {
   void operator()(std::byte* p) const noexcept { ::operator delete[](p, std::align_val_t{page_alignment}); }
@@ -79,8 +77,8 @@ class page_pool {
     KVC_ASSERT(sealed_bytes_ <= slab_bytes_);
     const std::size_t slots = static_cast<std::size_t>(num_slabs_) * static_cast<std::size_t>(slots_per_slab_);
     if (num_slabs_ > 0)
-      arena_.reset(static_cast<std::byte*>(
-          ::operator new[](static_cast<std::size_t>(num_slabs_) * slab_bytes_, std::align_val_t{detail::page_alignment})));
+      arena_.reset(static_cast<std::byte*>(::operator new[](static_cast<std::size_t>(num_slabs_) * slab_bytes_,
+                                                            std::align_val_t{detail::page_alignment})));
     refcount_.assign(slots, 0);
     next_.assign(slots, no_page);
     prev_.assign(slots, no_page);
@@ -106,7 +104,8 @@ class page_pool {
   std::int64_t free_slabs() const noexcept { return free_slabs_; }
   // Bytes of pages in use (open pages at slab size, sealed pages at their own size).
   std::size_t bytes_in_use() const noexcept {
-    return static_cast<std::size_t>(open_in_use_) * slab_bytes_ + static_cast<std::size_t>(sealed_in_use_) * sealed_bytes_;
+    return static_cast<std::size_t>(open_in_use_) * slab_bytes_ +
+           static_cast<std::size_t>(sealed_in_use_) * sealed_bytes_;
   }
   // Bytes of slabs not free, including unused sealed slots inside them.
   std::size_t bytes_reserved() const noexcept {
@@ -180,7 +179,9 @@ class page_pool {
   }
 
   std::int32_t refcount(page_id p) const noexcept { return refcount_[static_cast<std::size_t>(p)]; }
-  bool is_open(page_id p) const noexcept { return slab_kind_[static_cast<std::size_t>(p / slots_per_slab_)] == slab_open; }
+  bool is_open(page_id p) const noexcept {
+    return slab_kind_[static_cast<std::size_t>(p / slots_per_slab_)] == slab_open;
+  }
 
   std::byte* data(page_id p) noexcept { return arena_.get() + offset(p); }
   const std::byte* data(page_id p) const noexcept { return arena_.get() + offset(p); }
@@ -196,7 +197,8 @@ class page_pool {
   }
 
   void push_slab(std::int32_t s) noexcept {
-    next_[static_cast<std::size_t>(s * slots_per_slab_)] = free_slab_head_ == no_page ? no_page : free_slab_head_ * slots_per_slab_;
+    next_[static_cast<std::size_t>(s * slots_per_slab_)] =
+        free_slab_head_ == no_page ? no_page : free_slab_head_ * slots_per_slab_;
     free_slab_head_ = s;
     ++free_slabs_;
   }
@@ -217,7 +219,10 @@ class page_pool {
   }
   void unlink_sealed(page_id p) noexcept {
     const page_id n = next_[static_cast<std::size_t>(p)], v = prev_[static_cast<std::size_t>(p)];
-    if (v != no_page) next_[static_cast<std::size_t>(v)] = n; else free_sealed_head_ = n;
+    if (v != no_page)
+      next_[static_cast<std::size_t>(v)] = n;
+    else
+      free_sealed_head_ = n;
     if (n != no_page) prev_[static_cast<std::size_t>(n)] = v;
     next_[static_cast<std::size_t>(p)] = prev_[static_cast<std::size_t>(p)] = no_page;
     --free_sealed_;
@@ -228,8 +233,8 @@ class page_pool {
   std::int32_t slots_per_slab_ = 1;
   std::int32_t num_slabs_ = 0;
   std::unique_ptr<std::byte[], detail::aligned_free> arena_;
-  std::vector<std::int32_t> refcount_;  // [slots]
-  std::vector<page_id> next_, prev_;    // [slots] free-list links
+  std::vector<std::int32_t> refcount_;   // [slots]
+  std::vector<page_id> next_, prev_;     // [slots] free-list links
   std::vector<std::int32_t> slab_used_;  // [slabs] sealed slots in use
   std::vector<std::uint8_t> slab_kind_;  // [slabs]
   std::int32_t free_slab_head_ = no_page;

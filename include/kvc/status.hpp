@@ -19,33 +19,45 @@ KVC_NAMESPACE_BEGIN
 
 enum class status_code {
   ok = 0,
-  invalid_argument,   // a null pointer, a count out of range, a bad config field
-  shape_mismatch,     // a tensor whose extents or strides do not match the cache shape
-  unknown_sequence,   // a seq_id never created, or already released
-  out_of_range,       // a layer or kv_head index outside the shape, a value a codec cannot hold
-  non_finite,         // NaN or infinity in keys, values, queries or scores
-  position_order,     // positions not strictly increasing within a stream
-  pool_exhausted,     // not enough free pages for the whole operation
-  context_full,       // a stream would hold more than cache_config::max_context tokens
-  invalid_budget,     // a budget parameter outside its documented range
+  invalid_argument,     // a null pointer, a count out of range, a bad config field
+  shape_mismatch,       // a tensor whose extents or strides do not match the cache shape
+  unknown_sequence,     // a seq_id never created, or already released
+  out_of_range,         // a layer or kv_head index outside the shape, a value a codec cannot hold
+  non_finite,           // NaN or infinity in keys, values, queries or scores
+  position_order,       // positions not strictly increasing within a stream
+  pool_exhausted,       // not enough free pages for the whole operation
+  context_full,         // a stream would hold more than cache_config::max_context tokens
+  invalid_budget,       // a budget parameter outside its documented range
   workspace_exhausted,  // the compress workspace is too small for this policy and sequence
-  unsupported,        // a valid request that this build or codec does not implement
+  unsupported,          // a valid request that this build or codec does not implement
 };
 
 inline constexpr const char* to_string(status_code c) noexcept {
   switch (c) {
-    case status_code::ok: return "ok";
-    case status_code::invalid_argument: return "invalid_argument";
-    case status_code::shape_mismatch: return "shape_mismatch";
-    case status_code::unknown_sequence: return "unknown_sequence";
-    case status_code::out_of_range: return "out_of_range";
-    case status_code::non_finite: return "non_finite";
-    case status_code::position_order: return "position_order";
-    case status_code::pool_exhausted: return "pool_exhausted";
-    case status_code::context_full: return "context_full";
-    case status_code::invalid_budget: return "invalid_budget";
-    case status_code::workspace_exhausted: return "workspace_exhausted";
-    case status_code::unsupported: return "unsupported";
+    case status_code::ok:
+      return "ok";
+    case status_code::invalid_argument:
+      return "invalid_argument";
+    case status_code::shape_mismatch:
+      return "shape_mismatch";
+    case status_code::unknown_sequence:
+      return "unknown_sequence";
+    case status_code::out_of_range:
+      return "out_of_range";
+    case status_code::non_finite:
+      return "non_finite";
+    case status_code::position_order:
+      return "position_order";
+    case status_code::pool_exhausted:
+      return "pool_exhausted";
+    case status_code::context_full:
+      return "context_full";
+    case status_code::invalid_budget:
+      return "invalid_budget";
+    case status_code::workspace_exhausted:
+      return "workspace_exhausted";
+    case status_code::unsupported:
+      return "unsupported";
   }
   return "unknown";
 }
@@ -122,8 +134,8 @@ class [[nodiscard]] result {
 KVC_NAMESPACE_END
 
 // Propagate a failed status from an expression that yields kvc::status.
-#define KVC_RETURN_IF_ERROR(expr)              \
-  do {                                         \
-    ::kvc::status kvc_status_tmp_ = (expr);    \
+#define KVC_RETURN_IF_ERROR(expr)                      \
+  do {                                                 \
+    ::kvc::status kvc_status_tmp_ = (expr);            \
     if (!kvc_status_tmp_.ok()) return kvc_status_tmp_; \
   } while (0)

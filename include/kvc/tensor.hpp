@@ -60,8 +60,8 @@ status check_tensor(const tensor3<T>& t, const char* what, std::int64_t n, std::
   if (t.extents[0] != n || t.extents[1] != heads || t.extents[2] != dim)
     return status::error(status_code::shape_mismatch, "%s has shape [%lld][%lld][%lld], expected [%lld][%lld][%lld]",
                          what, static_cast<long long>(t.extents[0]), static_cast<long long>(t.extents[1]),
-                         static_cast<long long>(t.extents[2]), static_cast<long long>(n),
-                         static_cast<long long>(heads), static_cast<long long>(dim));
+                         static_cast<long long>(t.extents[2]), static_cast<long long>(n), static_cast<long long>(heads),
+                         static_cast<long long>(dim));
   if (n == 0) return ok_status();
   if (t.data == nullptr) return status::error(status_code::invalid_argument, "%s is a null pointer", what);
   if (t.strides[2] != 1)

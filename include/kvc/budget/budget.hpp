@@ -32,8 +32,8 @@ template <class T, class = void>
 struct is_budget_impl : std::false_type {};
 
 template <class T>
-struct is_budget_impl<T, std::void_t<decltype(std::declval<const T&>().allocate(
-                             std::declval<const budget_request&>(), static_cast<std::int32_t*>(nullptr)))>>
+struct is_budget_impl<T, std::void_t<decltype(std::declval<const T&>().allocate(std::declval<const budget_request&>(),
+                                                                                static_cast<std::int32_t*>(nullptr)))>>
     : std::is_same<decltype(std::declval<const T&>().allocate(std::declval<const budget_request&>(),
                                                               static_cast<std::int32_t*>(nullptr))),
                    status> {};

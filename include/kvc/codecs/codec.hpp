@@ -35,14 +35,14 @@ struct is_codec_impl : std::false_type {};
 
 template <class T>
 struct is_codec_impl<
-    T, std::void_t<decltype(T::name), decltype(T::identity), decltype(T::token_granular),
-                   decltype(T::relative_error), decltype(T::absolute_error), decltype(T::max_abs),
-                   decltype(T::page_bytes(1, 1)),
-                   decltype(T::encode(static_cast<const float*>(nullptr), 0, 1, 1, static_cast<std::byte*>(nullptr))),
-                   decltype(T::decode(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
-                   decltype(T::rows_f32(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
-                   decltype(T::copy_rows(static_cast<const std::byte*>(nullptr), 0, static_cast<std::byte*>(nullptr), 0, 0, 1, 1))>>
-    : std::true_type {};
+    T,
+    std::void_t<decltype(T::name), decltype(T::identity), decltype(T::token_granular), decltype(T::relative_error),
+                decltype(T::absolute_error), decltype(T::max_abs), decltype(T::page_bytes(1, 1)),
+                decltype(T::encode(static_cast<const float*>(nullptr), 0, 1, 1, static_cast<std::byte*>(nullptr))),
+                decltype(T::decode(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
+                decltype(T::rows_f32(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
+                decltype(T::copy_rows(static_cast<const std::byte*>(nullptr), 0, static_cast<std::byte*>(nullptr), 0, 0,
+                                      1, 1))>> : std::true_type {};
 
 // Base for codecs whose sealed payload is [page_tokens][head_dim] elements of
 // Storage, one independent row per token. Derived provides encode_row_span(src, dst, count)
@@ -61,8 +61,7 @@ struct row_codec {
   static void encode(const float* src, int n, int head_dim, int /*page_tokens*/, std::byte* page) noexcept {
     Derived::encode_span(src, reinterpret_cast<Storage*>(page), static_cast<std::size_t>(n) * head_dim);
   }
-  static void decode(const std::byte* page, int first, int n, int head_dim, int /*page_tokens*/,
-                     float* dst) noexcept {
+  static void decode(const std::byte* page, int first, int n, int head_dim, int /*page_tokens*/, float* dst) noexcept {
     Derived::decode_span(reinterpret_cast<const Storage*>(page) + static_cast<std::size_t>(first) * head_dim, dst,
                          static_cast<std::size_t>(n) * head_dim);
   }

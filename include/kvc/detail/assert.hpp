@@ -12,10 +12,9 @@
 #ifdef KVC_NO_ASSERT
 #define KVC_ASSERT(cond) static_cast<void>(0)
 #else
-#define KVC_ASSERT(cond)                                                              \
-  ((cond) ? static_cast<void>(0)                                                      \
-          : (std::fprintf(stderr, "kvc: internal invariant failed: %s (%s:%d)\n", #cond, \
-                          __FILE__, __LINE__),                                        \
+#define KVC_ASSERT(cond)                                                                                      \
+  ((cond) ? static_cast<void>(0)                                                                              \
+          : (std::fprintf(stderr, "kvc: internal invariant failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__), \
              std::abort()))
 #endif
 #endif

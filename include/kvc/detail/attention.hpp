@@ -60,13 +60,13 @@ inline float dot(const float* a, const float* b, int n) noexcept {
 
 // Running state of one block of rows.
 struct row_block {
-  int n = 0;                         // rows in use
-  const float* q[attn_rows];         // [n][head_dim]
-  float* acc[attn_rows];             // [n][head_dim], the caller's output rows
+  int n = 0;                  // rows in use
+  const float* q[attn_rows];  // [n][head_dim]
+  float* acc[attn_rows];      // [n][head_dim], the caller's output rows
   std::int32_t q_pos[attn_rows];
   float m[attn_rows];
   float l[attn_rows];
-  std::int32_t min_pos, max_pos;     // over q_pos
+  std::int32_t min_pos, max_pos;  // over q_pos
 
   void reset(int head_dim) noexcept {
     min_pos = std::numeric_limits<std::int32_t>::max();

@@ -76,8 +76,9 @@ class evict {
       KVC_RETURN_IF_ERROR(scorer_.score(s, ws, scores[i]));
       for (int t = 0; t < infos[i].n_tokens; ++t)
         if (std::isnan(scores[i][t]))
-          return status::error(status_code::non_finite, "evict: scorer %s gave NaN to token %d of stream (layer %d, kv_head %d)",
-                               Scorer::name, t, infos[i].layer, infos[i].kv_head);
+          return status::error(status_code::non_finite,
+                               "evict: scorer %s gave NaN to token %d of stream (layer %d, kv_head %d)", Scorer::name,
+                               t, infos[i].layer, infos[i].kv_head);
     }
     budget_request req;
     req.shape = &ctx.shape();
@@ -87,11 +88,13 @@ class evict {
     KVC_RETURN_IF_ERROR(budget_.allocate(req, keep_counts));
     for (int i = 0; i < n_streams; ++i)
       if (keep_counts[i] < 0 || keep_counts[i] > infos[i].n_tokens)
-        return status::error(status_code::invalid_budget, "evict: budget kept %d of %d tokens in stream (layer %d, kv_head %d)",
-                             keep_counts[i], infos[i].n_tokens, infos[i].layer, infos[i].kv_head);
+        return status::error(status_code::invalid_budget,
+                             "evict: budget kept %d of %d tokens in stream (layer %d, kv_head %d)", keep_counts[i],
+                             infos[i].n_tokens, infos[i].layer, infos[i].kv_head);
     std::int32_t* idx = ws.alloc<std::int32_t>(static_cast<std::size_t>(max_n));
     if (max_n > 0 && idx == nullptr) return full(ws);
-    for (int i = 0; i < n_streams; ++i) detail::keep_top_k(scores[i], infos[i].n_tokens, keep_counts[i], ctx.keep(i), idx);
+    for (int i = 0; i < n_streams; ++i)
+      detail::keep_top_k(scores[i], infos[i].n_tokens, keep_counts[i], ctx.keep(i), idx);
     return ok_status();
   }
 

@@ -49,7 +49,8 @@ struct oracle {
     const int rows = fq.n_queries * g;
     for (int qi = 0; qi < fq.n_queries; ++qi) {
       for (int j = 0; j < g; ++j) {
-        const float* q = fq.q + (static_cast<std::size_t>(qi) * qh + static_cast<std::size_t>(s.info.kv_head) * g + j) * d;
+        const float* q =
+            fq.q + (static_cast<std::size_t>(qi) * qh + static_cast<std::size_t>(s.info.kv_head) * g + j) * d;
         float mx = -std::numeric_limits<float>::infinity();
         for (int i = 0; i < n; ++i) {
           logits[i] = s.positions[i] <= fq.positions[qi]
@@ -63,8 +64,10 @@ struct oracle {
         const float inv = static_cast<float>(1.0 / sum);
         for (int i = 0; i < n; ++i) {
           const float a = logits[i] * inv;
-          if (reduce == group_reduce::mean) out[i] += a / static_cast<float>(rows);
-          else out[i] = a > out[i] ? a : out[i];
+          if (reduce == group_reduce::mean)
+            out[i] += a / static_cast<float>(rows);
+          else
+            out[i] = a > out[i] ? a : out[i];
         }
       }
     }

@@ -20,7 +20,7 @@ struct random {
   status score(const stream_data& s, workspace& /*ws*/, float* out) const noexcept {
     const std::uint64_t base =
         kvc::detail::mix64(seed ^ kvc::detail::mix64((static_cast<std::uint64_t>(s.info.layer) << 32) |
-                                           static_cast<std::uint32_t>(s.info.kv_head)));
+                                                     static_cast<std::uint32_t>(s.info.kv_head)));
     for (int i = 0; i < s.size(); ++i) {
       const std::uint64_t h = kvc::detail::mix64(base ^ static_cast<std::uint32_t>(s.positions[i]));
       out[i] = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);  // 24 bits -> [0, 1)

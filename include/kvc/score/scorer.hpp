@@ -32,13 +32,13 @@ template <class T, class = void>
 struct is_scorer_impl : std::false_type {};
 
 template <class T>
-struct is_scorer_impl<T, std::void_t<decltype(T::name), decltype(T::fields),
-                                     decltype(std::declval<const T&>().score(std::declval<const stream_data&>(),
-                                                                            std::declval<workspace&>(),
-                                                                            static_cast<float*>(nullptr)))>>
-    : std::bool_constant<std::is_same_v<decltype(std::declval<const T&>().score(
-                                            std::declval<const stream_data&>(), std::declval<workspace&>(),
-                                            static_cast<float*>(nullptr))),
+struct is_scorer_impl<
+    T, std::void_t<decltype(T::name), decltype(T::fields),
+                   decltype(std::declval<const T&>().score(std::declval<const stream_data&>(),
+                                                           std::declval<workspace&>(), static_cast<float*>(nullptr)))>>
+    : std::bool_constant<std::is_same_v<decltype(std::declval<const T&>().score(std::declval<const stream_data&>(),
+                                                                                std::declval<workspace&>(),
+                                                                                static_cast<float*>(nullptr))),
                                         status> &&
                          std::is_convertible_v<decltype(T::fields), stream_fields>> {};
 
