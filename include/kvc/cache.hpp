@@ -159,7 +159,7 @@ class paged_kv_cache {
                 "(use kvc::codec::f32, f16 or bf16, or provide every member listed there)");
   static_assert(is_codec_v<ValueCodec>,
                 "kvc::paged_kv_cache: ValueCodec does not satisfy the codec interface in kvc/codecs/codec.hpp");
-  static_assert(KeyCodec::token_granular && ValueCodec::token_granular,
+  static_assert(detail::token_granular_v<KeyCodec> && detail::token_granular_v<ValueCodec>,
                 "kvc::paged_kv_cache: compaction needs token-granular codecs (row_codec)");
 
  public:
@@ -179,13 +179,14 @@ class paged_kv_cache {
       return status::error(status_code::unsupported,
                            "cache_config: sealed pages (%zu bytes) larger than open pages (%zu)", sealed.bytes,
                            open.bytes);
-    if (config.capacity_bytes < open.bytes)
+    const std::size_t slab = page_pool::slab_bytes_for(open.bytes, sealed.bytes);
+    if (config.capacity_bytes < slab)
       return status::error(status_code::invalid_argument,
                            "cache_config: capacity_bytes %zu is smaller than one page (%zu bytes for page_tokens %d, "
                            "head_dim %d)",
-                           config.capacity_bytes, open.bytes, config.page_tokens, config.shape.head_dim);
-    const std::size_t slabs = config.capacity_bytes / detail::align_up(open.bytes);
-    const std::size_t slots = slabs * (detail::align_up(open.bytes) / detail::align_up(sealed.bytes));
+                           config.capacity_bytes, slab, config.page_tokens, config.shape.head_dim);
+    const std::size_t slots =
+        config.capacity_bytes / slab * static_cast<std::size_t>(page_pool::slots_for(open.bytes, sealed.bytes));
     if (slots > static_cast<std::size_t>(std::numeric_limits<page_id>::max()))
       return status::error(status_code::invalid_argument,
                            "cache_config: capacity_bytes %zu makes %zu pages, more than page ids can name",
@@ -379,7 +380,7 @@ class paged_kv_cache {
         }
         b.reset(d);
         for (std::int32_t pi = 0; pi < st.n_pages; ++pi)
-          if (!attend_page(b, table[pi])) break;
+          if (!attend_page(b, table[pi], pi + 1 < st.n_pages ? table[pi + 1] : no_page)) break;
         b.finish(d);
       }
     }
@@ -427,7 +428,7 @@ class paged_kv_cache {
     std::memset(keep, 1, static_cast<std::size_t>(offsets[count]));
 
     compress_context ctx(*this, *s, first, count, ws, keep, offsets);
-    KVC_RETURN_IF_ERROR(policy.plan(ctx));
+    if constexpr (is_policy_for_v<P, compress_context>) KVC_RETURN_IF_ERROR(policy.plan(ctx));
 
     detail::stream_plan* plans = ws.alloc<detail::stream_plan>(static_cast<std::size_t>(count));
     page_id* old_pages = ws.alloc<page_id>(static_cast<std::size_t>(s->page_capacity));
@@ -677,6 +678,10 @@ class paged_kv_cache {
     for (std::int64_t i = 0; i < t.extents[0]; ++i)
       for (std::int64_t j = 0; j < t.extents[1]; ++j) {
         const float* r = t.row(i, j);
+        // A branch-free pass over the row (it vectorises); the slow search only on failure.
+        unsigned bad = 0;
+        for (std::int64_t e = 0; e < t.extents[2]; ++e) bad |= static_cast<unsigned>(!(std::fabs(r[e]) <= max_abs));
+        if (bad == 0) continue;
         for (std::int64_t e = 0; e < t.extents[2]; ++e) {
           if (std::fabs(r[e]) <= max_abs) continue;
           if (!std::isfinite(r[e]))
@@ -787,7 +792,8 @@ class paged_kv_cache {
   }
 
   // Runs one page through the tile kernel; false once pages start after every query.
-  bool attend_page(detail::row_block& b, page_id p) const noexcept {
+  // `next` is the stream's following page (or no_page), prefetched while p is worked on.
+  bool attend_page(detail::row_block& b, page_id p, page_id next) const noexcept {
     const int d = shape().head_dim, P = config_.page_tokens;
     const int cnt = page_count_[static_cast<std::size_t>(p)];
     const std::byte* base = pool_.data(p);
@@ -795,23 +801,58 @@ class paged_kv_cache {
     const page_layout& l = open ? open_ : sealed_;
     const std::int32_t* pos = reinterpret_cast<const std::int32_t*>(base + l.positions);
     const float* lw = reinterpret_cast<const float*>(base + l.log_weights);
-    alignas(64) float kbuf[seal_in_place ? 1 : detail::attn_tile * max_head_dim];
-    alignas(64) float vbuf[seal_in_place ? 1 : detail::attn_tile * max_head_dim];
+    // Sealed rows the kernel reads in place (f32, and f16 / bf16 where the SIMD kernel
+    // widens them in registers) skip the decode into scratch.
+    constexpr detail::element_type ke = detail::elements_of<KeyCodec>::value;
+    constexpr detail::element_type ve = detail::elements_of<ValueCodec>::value;
+    constexpr bool in_place = detail::reads_in_place(ke) && detail::reads_in_place(ve);
+    alignas(64) float kbuf[in_place ? 1 : detail::attn_tile * max_head_dim];
+    alignas(64) float vbuf[in_place ? 1 : detail::attn_tile * max_head_dim];
     for (int t0 = 0; t0 < cnt; t0 += detail::attn_tile) {
       if (pos[t0] > b.max_pos) return false;
       const int T = std::min(detail::attn_tile, cnt - t0);
-      const float* k;
-      const float* v;
+      const detail::tile_prefetch pf = t0 + T < cnt ? tile_at(p, t0 + T) : tile_at(next, 0);
       if (open) {
-        k = reinterpret_cast<const float*>(base + l.keys) + static_cast<std::size_t>(t0) * d;
-        v = reinterpret_cast<const float*>(base + l.values) + static_cast<std::size_t>(t0) * d;
+        detail::attend_tile(b, reinterpret_cast<const float*>(base + l.keys) + static_cast<std::size_t>(t0) * d,
+                            reinterpret_cast<const float*>(base + l.values) + static_cast<std::size_t>(t0) * d,
+                            pos + t0, lw + t0, T, d, scale_, pf);
+      } else if constexpr (in_place) {
+        const std::size_t row0 = static_cast<std::size_t>(t0) * static_cast<std::size_t>(d);
+        detail::attend_tile_in_place<ke, ve>(b, base + l.keys + row0 * detail::element_bytes(ke),
+                                             base + l.values + row0 * detail::element_bytes(ve), pos + t0, lw + t0, T,
+                                             d, scale_, pf);
       } else {
-        k = KeyCodec::rows_f32(base + l.keys, t0, T, d, P, kbuf);
-        v = ValueCodec::rows_f32(base + l.values, t0, T, d, P, vbuf);
+        detail::attend_tile(b, KeyCodec::rows_f32(base + l.keys, t0, T, d, P, kbuf),
+                            ValueCodec::rows_f32(base + l.values, t0, T, d, P, vbuf), pos + t0, lw + t0, T, d, scale_,
+                            pf);
       }
-      detail::attend_tile(b, k, v, pos + t0, lw + t0, T, d, scale_);
     }
     return true;
+  }
+
+  // Where the tile of page p that starts at row `first` lies (empty for no_page).
+  detail::tile_prefetch tile_at(page_id p, int first) const noexcept {
+    detail::tile_prefetch r;
+    if (p == no_page) return r;
+    const int d = shape().head_dim;
+    const std::size_t P = static_cast<std::size_t>(config_.page_tokens), f = static_cast<std::size_t>(first);
+    const std::size_t n =
+        static_cast<std::size_t>(std::min(detail::attn_tile, page_count_[static_cast<std::size_t>(p)] - first));
+    const std::byte* base = pool_.data(p);
+    const bool open = pool_.is_open(p);
+    const page_layout& l = open ? open_ : sealed_;
+    // Rows lie at equal strides in row codecs; for other codecs this is the proportional slice.
+    const std::size_t kb =
+        open ? codec::f32::page_bytes(config_.page_tokens, d) : KeyCodec::page_bytes(config_.page_tokens, d);
+    const std::size_t vb =
+        open ? codec::f32::page_bytes(config_.page_tokens, d) : ValueCodec::page_bytes(config_.page_tokens, d);
+    r.keys = base + l.keys + kb * f / P;
+    r.key_bytes = kb * n / P;
+    r.values = base + l.values + vb * f / P;
+    r.value_bytes = vb * n / P;
+    r.positions = base + l.positions + sizeof(std::int32_t) * f;
+    r.log_weights = base + l.log_weights + sizeof(float) * f;
+    return r;
   }
 
   // ---------------------------------------------------------------- append internals

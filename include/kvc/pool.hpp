@@ -1,8 +1,8 @@
 // kvc/pool.hpp: the page pool, one fixed block of memory carved into pages.
 //
-// The arena is split into slabs of `slab_bytes` (the size of one open, float page).
-// An open page takes a whole slab. Sealed pages are smaller (the codec's size) and
-// `slots_per_slab` of them share a slab; a slab whose sealed slots are all free goes
+// The arena is split into slabs of `slots_per_slab` sealed pages (the codec's size),
+// enough for one open, float page. An open page takes a whole slab; sealed pages share
+// them; a slab whose sealed slots are all free goes
 // back to the slab free list, so memory moves freely between open and sealed pages
 // and nothing fragments for good. Page ids are slot ids: slab * slots_per_slab + i;
 // an open page is slot 0 of its slab.
@@ -68,11 +68,22 @@ class page_pool {
  public:
   page_pool() = default;
 
-  // capacity_bytes is rounded down to whole slabs.
+  // A slab is the smallest whole number of (64-byte aligned) sealed pages that holds one
+  // open page, so sealed pages pack without gaps and an open page wastes less than one
+  // sealed page. capacity_bytes is rounded down to whole slabs.
+  static constexpr std::int32_t slots_for(std::size_t open_page_bytes, std::size_t sealed_page_bytes) noexcept {
+    const std::size_t open = detail::align_up(open_page_bytes), sealed = detail::align_up(sealed_page_bytes);
+    return static_cast<std::int32_t>((open + sealed - 1) / sealed);
+  }
+  static constexpr std::size_t slab_bytes_for(std::size_t open_page_bytes, std::size_t sealed_page_bytes) noexcept {
+    return static_cast<std::size_t>(slots_for(open_page_bytes, sealed_page_bytes)) *
+           detail::align_up(sealed_page_bytes);
+  }
+
   page_pool(std::size_t capacity_bytes, std::size_t open_page_bytes, std::size_t sealed_page_bytes)
-      : slab_bytes_(detail::align_up(open_page_bytes)),
+      : slab_bytes_(slab_bytes_for(open_page_bytes, sealed_page_bytes)),
         sealed_bytes_(detail::align_up(sealed_page_bytes)),
-        slots_per_slab_(static_cast<std::int32_t>(slab_bytes_ / sealed_bytes_)),
+        slots_per_slab_(slots_for(open_page_bytes, sealed_page_bytes)),
         num_slabs_(static_cast<std::int32_t>(capacity_bytes / slab_bytes_)) {
     KVC_ASSERT(sealed_bytes_ <= slab_bytes_);
     const std::size_t slots = static_cast<std::size_t>(num_slabs_) * static_cast<std::size_t>(slots_per_slab_);
@@ -92,7 +103,7 @@ class page_pool {
   page_pool& operator=(page_pool&&) noexcept = default;
 
   std::size_t slab_bytes() const noexcept { return slab_bytes_; }
-  std::size_t open_page_bytes() const noexcept { return slab_bytes_; }
+  std::size_t open_page_bytes() const noexcept { return slab_bytes_; }  // an open page holds a slab
   std::size_t sealed_page_bytes() const noexcept { return sealed_bytes_; }
   std::int32_t slots_per_slab() const noexcept { return slots_per_slab_; }
   std::int32_t num_slabs() const noexcept { return num_slabs_; }

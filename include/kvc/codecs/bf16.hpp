@@ -16,9 +16,10 @@ namespace codec {
 struct bf16 : detail::row_codec<bf16, std::uint16_t> {
   static constexpr const char* name = "bf16";
   static constexpr bool identity = false;
-  static constexpr double relative_error = 1.0 / 256.0;            // 2^-8
-  static constexpr double absolute_error = 4.591774807899561e-41;  // 2^-134
-  static constexpr float max_abs = 3.3895313892515355e38f;         // largest finite bf16
+  static constexpr detail::element_type elements = detail::element_type::bf16;  // read in place by attend()
+  static constexpr double relative_error = 1.0 / 256.0;                         // 2^-8
+  static constexpr double absolute_error = 4.591774807899561e-41;               // 2^-134
+  static constexpr float max_abs = 3.3895313892515355e38f;                      // largest finite bf16
 
   static void encode_span(const float* src, std::uint16_t* dst, std::size_t n) noexcept {
     detail::float_to_bf16(src, dst, n);

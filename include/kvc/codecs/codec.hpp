@@ -18,6 +18,11 @@
 //        decoded into scratch ([n][head_dim]) and scratch returned
 //   copy_rows(src, src_first, dst, dst_first, n, head_dim, page_tokens)
 //        moves encoded rows between pages (or within one, towards lower slots)
+//
+// Optional:
+//   elements                      a detail::element_type other than none when the sealed
+//        payload is plain [page_tokens][head_dim] elements of that type: attend() then
+//        reads the rows in place (converting in registers) instead of calling rows_f32
 #pragma once
 
 #include <cstddef>
@@ -29,6 +34,18 @@
 
 KVC_NAMESPACE_BEGIN
 namespace detail {
+
+// Element types attend()'s kernel can read straight from a page; see `elements` above.
+enum class element_type { none, f32, f16, bf16 };
+
+constexpr std::size_t element_bytes(element_type e) noexcept {
+  return e == element_type::f32 ? 4 : e == element_type::none ? 0 : 2;
+}
+
+template <class T, class = void>
+struct elements_of : std::integral_constant<element_type, element_type::none> {};
+template <class T>
+struct elements_of<T, std::void_t<decltype(T::elements)>> : std::integral_constant<element_type, T::elements> {};
 
 template <class T, class = void>
 struct is_codec_impl : std::false_type {};
@@ -86,6 +103,16 @@ struct row_codec {
   }
 };
 
+}  // namespace detail
+
+namespace detail {
+// T::token_granular for codecs, false for anything else (keeps diagnostics to one message).
+template <class T, bool = is_codec_impl<T>::value>
+struct token_granular_impl : std::false_type {};
+template <class T>
+struct token_granular_impl<T, true> : std::bool_constant<T::token_granular> {};
+template <class T>
+inline constexpr bool token_granular_v = token_granular_impl<T>::value;
 }  // namespace detail
 
 // True when T satisfies the codec interface above.

@@ -17,8 +17,9 @@ namespace codec {
 struct f16 : detail::row_codec<f16, std::uint16_t> {
   static constexpr const char* name = "f16";
   static constexpr bool identity = false;
-  static constexpr double relative_error = 1.0 / 2048.0;             // 2^-11
-  static constexpr double absolute_error = 2.98023223876953125e-08;  // 2^-25
+  static constexpr detail::element_type elements = detail::element_type::f16;  // read in place by attend()
+  static constexpr double relative_error = 1.0 / 2048.0;                       // 2^-11
+  static constexpr double absolute_error = 2.98023223876953125e-08;            // 2^-25
   static constexpr float max_abs = 65504.0f;
 
   static void encode_span(const float* src, std::uint16_t* dst, std::size_t n) noexcept {

@@ -13,6 +13,7 @@ namespace codec {
 struct f32 : detail::row_codec<f32, float> {
   static constexpr const char* name = "f32";
   static constexpr bool identity = true;
+  static constexpr detail::element_type elements = detail::element_type::f32;  // read in place by attend()
   static constexpr double relative_error = 0.0;
   static constexpr double absolute_error = 0.0;
   static constexpr float max_abs = FLT_MAX;

@@ -34,7 +34,8 @@ inline float half_to_float_scalar(std::uint16_t h) noexcept {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
   const std::uint32_t exp = (h >> 10) & 0x1Fu;
   std::uint32_t mant = h & 0x3FFu;
-  if (exp == 0x1F) return bits_float(sign | 0x7F800000u | (mant << 13));  // inf / nan
+  if (exp == 0x1F)  // inf, or nan made quiet as F16C does
+    return bits_float(sign | 0x7F800000u | (mant << 13) | (mant != 0 ? 0x400000u : 0u));
   if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
   if (mant == 0) return bits_float(sign);
   // Subnormal: value = mant * 2^-24, exact in float.
@@ -79,6 +80,21 @@ inline std::uint16_t float_to_bf16_scalar(float f) noexcept {
   return static_cast<std::uint16_t>((x + 0x7FFFu + lsb) >> 16);
 }
 
+// binary16 -> binary32 without branches, bit for bit half_to_float_scalar: loops over it
+// vectorise, so bulk conversion stays fast where F16C is not targeted.
+inline float half_to_float_branchless(std::uint16_t h) noexcept {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  const std::uint32_t em = h & 0x7FFFu;                    // exponent and mantissa
+  const std::uint32_t normal = (em << 13) + (112u << 23);  // rebiased exponent
+  // inf and nan; a nan gets the quiet bit (mantissa != 0 sets bit 10 of mant + 0x3FF).
+  const std::uint32_t special = (em << 13) | 0x7F800000u | ((((em & 0x3FFu) + 0x3FFu) & 0x400u) << 12);
+  // Zero and subnormals: mant * 2^-24, exact in float.
+  const std::uint32_t small = float_bits(static_cast<float>(static_cast<std::int32_t>(em)) * 5.9604644775390625e-08f);
+  const std::uint32_t is_small = 0u - static_cast<std::uint32_t>(em < 0x400u);
+  const std::uint32_t is_special = 0u - static_cast<std::uint32_t>(em >= 0x7C00u);
+  return bits_float(sign | (small & is_small) | (special & is_special) | (normal & ~(is_small | is_special)));
+}
+
 inline void half_to_float(const std::uint16_t* src, float* dst, std::size_t n) noexcept {
   std::size_t i = 0;
 #if defined(__AVX512F__)
@@ -89,7 +105,9 @@ inline void half_to_float(const std::uint16_t* src, float* dst, std::size_t n) n
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
 #endif
-  for (; i < n; ++i) dst[i] = half_to_float_scalar(src[i]);
+  // The tail as a count from i: GCC warns spuriously about `i < n` after the loops above.
+  const std::size_t rest = n - i;
+  for (std::size_t j = 0; j < rest; ++j) dst[i + j] = half_to_float_branchless(src[i + j]);
 }
 
 inline void float_to_half(const float* src, std::uint16_t* dst, std::size_t n) noexcept {
@@ -104,7 +122,8 @@ inline void float_to_half(const float* src, std::uint16_t* dst, std::size_t n) n
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #endif
-  for (; i < n; ++i) dst[i] = float_to_half_scalar(src[i]);
+  const std::size_t rest = n - i;  // see half_to_float
+  for (std::size_t j = 0; j < rest; ++j) dst[i + j] = float_to_half_scalar(src[i + j]);
 }
 
 // Plain loops: shifts and adds that compilers vectorize at -O2 and above.

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "kvc/detail/attention.hpp"
 #include "kvc/score/scorer.hpp"
 
 KVC_NAMESPACE_BEGIN
@@ -18,9 +19,7 @@ struct knorm {
     const int n = s.size(), d = s.head_dim();
     for (int i = 0; i < n; ++i) {
       const float* k = s.keys + static_cast<std::size_t>(i) * d;
-      float acc = 0.0f;
-      for (int j = 0; j < d; ++j) acc += k[j] * k[j];
-      out[i] = -std::sqrt(acc);
+      out[i] = -std::sqrt(kvc::detail::dot(k, k, d));
     }
     return ok_status();
   }
