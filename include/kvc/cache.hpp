@@ -132,6 +132,12 @@ struct sequence {
   std::vector<std::int32_t> last_position;                // [layers]
   std::vector<std::int32_t> report_before, report_after;  // [streams]
 
+  // Observation (cache_config::observe), empty when off.
+  std::vector<float> queries;              // [layers][query_window][num_q_heads][head_dim], a ring per layer
+  std::vector<std::int32_t> query_pos;     // [layers][query_window]
+  std::vector<std::int64_t> queries_seen;  // [layers] queries recorded so far
+  std::vector<float> attention;            // [streams][3][max_context]: sum, count, last
+
   page_id* table(int s) noexcept { return pages.data() + static_cast<std::size_t>(s) * page_capacity; }
   const page_id* table(int s) const noexcept { return pages.data() + static_cast<std::size_t>(s) * page_capacity; }
 };
@@ -227,6 +233,15 @@ class paged_kv_cache {
     s.last_position.assign(static_cast<std::size_t>(shape().num_layers), std::numeric_limits<std::int32_t>::min());
     s.report_before.assign(static_cast<std::size_t>(n_streams), 0);
     s.report_after.assign(static_cast<std::size_t>(n_streams), 0);
+    const std::size_t layers = static_cast<std::size_t>(shape().num_layers);
+    const std::size_t w = static_cast<std::size_t>(config_.observe.query_window);
+    s.queries.assign(layers * w * static_cast<std::size_t>(shape().num_q_heads * shape().head_dim), 0.0f);
+    s.query_pos.assign(layers * w, 0);
+    s.queries_seen.assign(w > 0 ? layers : 0, 0);
+    s.attention.assign(config_.observe.track_attention
+                           ? static_cast<std::size_t>(n_streams) * 3 * static_cast<std::size_t>(config_.max_context)
+                           : 0,
+                       0.0f);
     s.live = true;
     return make_id(slot, s.generation);
   }
@@ -243,6 +258,10 @@ class paged_kv_cache {
     s.pages = p->pages;
     s.streams = p->streams;
     s.last_position = p->last_position;
+    s.queries = p->queries;
+    s.query_pos = p->query_pos;
+    s.queries_seen = p->queries_seen;
+    s.attention = p->attention;
     s.report_before.assign(p->streams.size(), 0);
     s.report_after.assign(p->streams.size(), 0);
     {
@@ -346,7 +365,7 @@ class paged_kv_cache {
   }
 
   status attend(seq_id id, int layer, const_tensor3<float> q, const std::int32_t* q_positions, tensor3<float> out) {
-    const detail::sequence* s = find(id);
+    detail::sequence* s = find(id);
     if (s == nullptr) return unknown(id, "attend");
     KVC_RETURN_IF_ERROR(check_layer(layer, "attend"));
     const model_shape& sh = shape();
@@ -364,12 +383,14 @@ class paged_kv_cache {
       return status::error(status_code::invalid_argument, "attend: out overlaps the queries; pass a separate buffer");
 
     const int d = sh.head_dim, g = sh.group_size();
+    const bool track = config_.observe.track_attention;
     detail::row_block b;
     for (int h = 0; h < sh.num_kv_heads; ++h) {
       const int si = layer * sh.num_kv_heads + h;
       const detail::stream_state& st = s->streams[static_cast<std::size_t>(si)];
       const page_id* table = s->table(si);
       const std::int64_t rows = n * g;
+      if (track) std::fill_n(attention_of(*s, si, 2), st.n_tokens, 0.0f);
       for (std::int64_t r0 = 0; r0 < rows; r0 += detail::attn_rows) {
         b.n = static_cast<int>(std::min<std::int64_t>(detail::attn_rows, rows - r0));
         for (int r = 0; r < b.n; ++r) {
@@ -381,9 +402,11 @@ class paged_kv_cache {
         b.reset(d);
         for (std::int32_t pi = 0; pi < st.n_pages; ++pi)
           if (!attend_page(b, table[pi], pi + 1 < st.n_pages ? table[pi + 1] : no_page)) break;
+        if (track) track_attention(*s, si, b, r0, n);
         b.finish(d);
       }
     }
+    if (config_.observe.query_window > 0) record_queries(*s, layer, q, q_positions);
     return ok_status();
   }
 
@@ -540,7 +563,43 @@ class paged_kv_cache {
     status load(int i, stream_fields fields, stream_data& out) {
       KVC_ASSERT(i >= 0 && i < count_);
       const stream_info inf = info(i);
+      const cache_config& cfg = cache_->config();
+      if (has_field(fields, stream_fields::queries) && cfg.observe.query_window == 0)
+        return status::error(status_code::invalid_argument,
+                             "compress: the policy needs observed queries; set cache_config::observe.query_window");
+      if (has_field(fields, stream_fields::attention) && !cfg.observe.track_attention)
+        return status::error(status_code::invalid_argument,
+                             "compress: the policy needs attention statistics; set "
+                             "cache_config::observe.track_attention");
       const std::size_t n = static_cast<std::size_t>(inf.n_tokens), d = static_cast<std::size_t>(shape().head_dim);
+      out = stream_data{};
+      if (has_field(fields, stream_fields::queries)) {
+        const std::size_t w = static_cast<std::size_t>(cfg.observe.query_window);
+        const std::int64_t seen = seq_->queries_seen[static_cast<std::size_t>(inf.layer)];
+        const std::size_t n_obs = static_cast<std::size_t>(std::min<std::int64_t>(seen, cfg.observe.query_window));
+        const std::size_t g = static_cast<std::size_t>(shape().group_size()),
+                          qh = static_cast<std::size_t>(shape().num_q_heads);
+        float* q = ws_.alloc<float>(n_obs * g * d);
+        std::int32_t* qp = ws_.alloc<std::int32_t>(n_obs);
+        if (n_obs > 0 && (q == nullptr || qp == nullptr)) return exhausted(ws_, "compress: loading observed queries");
+        for (std::size_t j = 0; j < n_obs; ++j) {
+          const std::size_t slot =
+              static_cast<std::size_t>(inf.layer) * w +
+              static_cast<std::size_t>(seen - static_cast<std::int64_t>(n_obs) + static_cast<std::int64_t>(j)) % w;
+          std::memcpy(q + j * g * d, seq_->queries.data() + (slot * qh + static_cast<std::size_t>(inf.kv_head) * g) * d,
+                      g * d * sizeof(float));
+          qp[j] = seq_->query_pos[slot];
+        }
+        out.queries = q;
+        out.query_positions = qp;
+        out.n_queries = static_cast<int>(n_obs);
+      }
+      if (has_field(fields, stream_fields::attention)) {
+        const int si = first_ + i;
+        out.attention_sum = cache_->attention_of(*seq_, si, 0);
+        out.attention_count = cache_->attention_of(*seq_, si, 1);
+        out.last_attention = cache_->attention_of(*seq_, si, 2);
+      }
       std::int32_t* pos = ws_.alloc<std::int32_t>(n);
       float* lw = ws_.alloc<float>(n);
       float* k = has_field(fields, stream_fields::keys) ? ws_.alloc<float>(n * d) : nullptr;
@@ -556,6 +615,7 @@ class paged_kv_cache {
       out.log_weights = lw;
       out.keys = k;
       out.values = v;
+      out.rope = &cfg.rope;
       return ok_status();
     }
 
@@ -711,6 +771,14 @@ class paged_kv_cache {
     return static_cast<std::size_t>(tokens) * 2u * 2u * static_cast<std::size_t>(shape().head_dim);
   }
 
+  // Attention statistic w (0 sum, 1 count, 2 last) of stream si: [max_context]. Seq is
+  // detail::sequence, const or not.
+  template <class Seq>
+  auto attention_of(Seq& s, int si, int w) const noexcept {
+    return s.attention.data() + (static_cast<std::size_t>(si) * 3 + static_cast<std::size_t>(w)) *
+                                    static_cast<std::size_t>(config_.max_context);
+  }
+
   std::size_t stream_bytes(const detail::sequence& s, int si) const noexcept {
     std::size_t b = 0;
     const page_id* t = s.table(si);
@@ -830,6 +898,68 @@ class paged_kv_cache {
     return true;
   }
 
+  // Second pass for cache_config::observe.track_attention, once a block's softmax maxima and
+  // denominators are final: adds each row's attention probabilities (mean over the query
+  // group) to the stream's statistics. Rows start at r0 of the call's n queries * group.
+  void track_attention(detail::sequence& s, int si, const detail::row_block& b, std::int64_t r0,
+                       std::int64_t n) const noexcept {
+    const int d = shape().head_dim, P = config_.page_tokens, g = shape().group_size();
+    const float inv_g = 1.0f / static_cast<float>(g);
+    float* sum = attention_of(s, si, 0);
+    float* count = attention_of(s, si, 1);
+    float* last = attention_of(s, si, 2);
+    const page_id* table = s.table(si);
+    alignas(64) float kbuf[detail::attn_tile * max_head_dim];
+    std::int64_t index = 0;  // token index within the stream
+    for (std::int32_t pi = 0; pi < s.streams[static_cast<std::size_t>(si)].n_pages; ++pi) {
+      const page_id p = table[pi];
+      const int cnt = page_count_[static_cast<std::size_t>(p)];
+      const std::byte* base = pool_.data(p);
+      const bool open = pool_.is_open(p);
+      const page_layout& l = open ? open_ : sealed_;
+      const std::int32_t* pos = reinterpret_cast<const std::int32_t*>(base + l.positions);
+      const float* lw = reinterpret_cast<const float*>(base + l.log_weights);
+      for (int t0 = 0; t0 < cnt; t0 += detail::attn_tile) {
+        const int T = std::min(detail::attn_tile, cnt - t0);
+        const float* k = open ? codec::f32::rows_f32(base + l.keys, t0, T, d, P, kbuf)
+                              : KeyCodec::rows_f32(base + l.keys, t0, T, d, P, kbuf);
+        for (int r = 0; r < b.n; ++r) {
+          if (!(b.l[r] > 0.0f)) continue;
+          const std::int64_t query = (r0 + r) / g;
+          const bool first_head = (r0 + r) % g == 0, last_query = query == n - 1;
+          const float inv_l = 1.0f / b.l[r];
+          for (int t = 0; t < T; ++t) {
+            if (pos[t0 + t] > b.q_pos[r]) continue;
+            const float a =
+                detail::exp_nonpositive(detail::dot(b.q[r], k + static_cast<std::size_t>(t) * d, d) * scale_ +
+                                        lw[t0 + t] - b.m[r]) *
+                inv_l * inv_g;
+            const std::size_t i = static_cast<std::size_t>(index + t0 + t);
+            sum[i] += a;
+            if (first_head) count[i] += 1.0f;
+            if (last_query) last[i] += a;
+          }
+        }
+      }
+      index += cnt;
+    }
+  }
+
+  // Keeps the last query_window queries of the call in the layer's ring.
+  void record_queries(detail::sequence& s, int layer, const_tensor3<float> q,
+                      const std::int32_t* q_positions) const noexcept {
+    const std::int64_t w = config_.observe.query_window, n = q.extents[0];
+    const std::size_t qh = static_cast<std::size_t>(shape().num_q_heads),
+                      d = static_cast<std::size_t>(shape().head_dim);
+    std::int64_t& seen = s.queries_seen[static_cast<std::size_t>(layer)];
+    for (std::int64_t i = std::max<std::int64_t>(0, n - w); i < n; ++i, ++seen) {
+      const std::size_t slot = static_cast<std::size_t>(layer * w + seen % w);
+      for (std::size_t h = 0; h < qh; ++h)
+        std::memcpy(s.queries.data() + (slot * qh + h) * d, q.row(i, static_cast<std::int64_t>(h)), d * sizeof(float));
+      s.query_pos[slot] = q_positions[i];
+    }
+  }
+
   // Where the tile of page p that starts at row `first` lies (empty for no_page).
   detail::tile_prefetch tile_at(page_id p, int first) const noexcept {
     detail::tile_prefetch r;
@@ -937,6 +1067,8 @@ class paged_kv_cache {
         wd[c + r] = 0.0f;
       }
       page_count_[static_cast<std::size_t>(open)] = c + m;
+      if (config_.observe.track_attention)
+        for (int w = 0; w < 3; ++w) std::fill_n(attention_of(s, si, w) + st.n_tokens, m, 0.0f);
       i += m;
       st.n_tokens += m;
       st.appended += m;
@@ -1064,6 +1196,14 @@ class paged_kv_cache {
         page_count_[static_cast<std::size_t>(open)] = pl.kept_open;
       }
       if (open != no_page) t[n_pages++] = open;
+    }
+    if (config_.observe.track_attention) {
+      for (int w = 0; w < 3; ++w) {
+        float* a = attention_of(s, si, w);
+        std::int32_t out = 0;
+        for (std::int32_t i = 0; i < st.n_tokens; ++i)
+          if (keep[i] != 0) a[out++] = a[i];
+      }
     }
     st.n_pages = n_pages;
     st.n_tokens = pl.kept_sealed + (pl.open != no_page ? pl.kept_open : 0);

@@ -13,6 +13,7 @@ KVC_NAMESPACE_BEGIN
 // of this size on the stack.
 inline constexpr int max_head_dim = 512;
 inline constexpr int max_page_tokens = 4096;
+inline constexpr int max_query_window = 4096;
 
 struct model_shape {
   int num_layers = 0;
@@ -22,6 +23,34 @@ struct model_shape {
 
   constexpr int group_size() const noexcept { return num_kv_heads > 0 ? num_q_heads / num_kv_heads : 0; }
   constexpr int streams_per_sequence() const noexcept { return num_layers * num_kv_heads; }
+};
+
+// The model's rotary position embedding, for policies that reason about queries at
+// other positions (keys are stored after RoPE). Pair i of the rotated dimensions turns by
+// position * theta^(-2i / rotary_dims).
+enum class rope_layout {
+  half_split,   // pairs (i, i + rotary_dims / 2): GPT-NeoX, Hugging Face Llama
+  interleaved,  // pairs (2i, 2i + 1): GPT-J, the original Llama code
+};
+
+struct rope_spec {
+  double theta = 10000.0;
+  int rotary_dims = -1;  // the first rotary_dims dimensions rotate; -1: all of head_dim (even part); 0: no RoPE
+  rope_layout layout = rope_layout::half_split;
+
+  constexpr int dims(int head_dim) const noexcept { return rotary_dims < 0 ? head_dim / 2 * 2 : rotary_dims; }
+};
+
+// What attend() records for policies; off by default, and free when off.
+struct observation_config {
+  // The last query_window queries of every (sequence, layer), all query heads, with their
+  // positions (SnapKV, expected attention, Q-filters). 0: none.
+  int query_window = 0;
+  // Per retained token: attention summed over the queries that attended it, the number of
+  // those queries, and the latest query's attention, each averaged over the KV head's query
+  // group (H2O, TOVA). Costs a second pass over the keys in attend and 12 bytes per token of
+  // max_context per stream.
+  bool track_attention = false;
 };
 
 struct cache_config {
@@ -36,6 +65,8 @@ struct cache_config {
   // Scratch for compress() (scores, keep masks, one stream's dequantized keys and
   // values). 0 sizes it from the shape and max_context; see default_workspace_bytes.
   std::size_t workspace_bytes = 0;
+  rope_spec rope;
+  observation_config observe;
 };
 
 // Scratch that compress() needs for one sequence at max_context with the built-in
@@ -45,8 +76,12 @@ inline std::size_t default_workspace_bytes(const cache_config& c) noexcept {
   const std::size_t streams = static_cast<std::size_t>(c.shape.streams_per_sequence());
   const std::size_t ctx = static_cast<std::size_t>(c.max_context);
   const std::size_t d = static_cast<std::size_t>(c.shape.head_dim);
+  const std::size_t w = static_cast<std::size_t>(c.observe.query_window);
   const std::size_t per_stream = ctx * (sizeof(float) + sizeof(std::uint8_t) + 3 * sizeof(std::int32_t)) + 1024;
-  const std::size_t one_stream = ctx * (2 * d + 4) * sizeof(float) + d * d * sizeof(double);
+  // One stream loaded: keys, values, positions, log-weights, three attention statistics,
+  // and the observed queries of a whole layer.
+  const std::size_t one_stream = ctx * (2 * d + 5) * sizeof(float) + d * d * sizeof(double) +
+                                 w * (static_cast<std::size_t>(c.shape.num_q_heads) * d + 1) * sizeof(float);
   return streams * per_stream + one_stream + (std::size_t{1} << 20);
 }
 
@@ -67,6 +102,16 @@ inline status validate(const cache_config& c) noexcept {
   if (c.page_tokens < 1 || c.page_tokens > max_page_tokens)
     return status::error(status_code::invalid_argument, "cache_config: page_tokens %d outside [1, %d]", c.page_tokens,
                          max_page_tokens);
+  const int rd = c.rope.dims(s.head_dim);
+  if (rd < 0 || rd > s.head_dim || rd % 2 != 0)
+    return status::error(status_code::invalid_argument,
+                         "cache_config: rope.rotary_dims %d must be -1 or an even number in [0, head_dim %d]",
+                         c.rope.rotary_dims, s.head_dim);
+  if (!(c.rope.theta > 1.0) || !(c.rope.theta < 1e12))
+    return status::error(status_code::invalid_argument, "cache_config: rope.theta %g outside (1, 1e12)", c.rope.theta);
+  if (c.observe.query_window < 0 || c.observe.query_window > max_query_window)
+    return status::error(status_code::invalid_argument, "cache_config: observe.query_window %d outside [0, %d]",
+                         c.observe.query_window, max_query_window);
   if (c.max_context < 1)
     return status::error(status_code::invalid_argument, "cache_config: max_context is %d, must be >= 1", c.max_context);
   return ok_status();

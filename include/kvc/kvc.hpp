@@ -17,6 +17,7 @@
 #include "kvc/policies/evict.hpp"
 #include "kvc/policies/policy.hpp"
 #include "kvc/pool.hpp"
+#include "kvc/rope.hpp"
 #include "kvc/score/knorm.hpp"
 #include "kvc/score/oracle.hpp"
 #include "kvc/score/random.hpp"

@@ -1,0 +1,2 @@
+// placeholder until filled
+#include <kvc/kvc.hpp>
