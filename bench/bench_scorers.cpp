@@ -141,7 +141,13 @@ BENCHMARK_CAPTURE(run_scorer, streaming, kvc::score::streaming{})->Apply(sizes);
 BENCHMARK_CAPTURE(run_scorer, knorm, kvc::score::knorm{})->Apply(sizes);
 BENCHMARK_CAPTURE(run_scorer, random, kvc::score::random{})->Apply(sizes);
 BENCHMARK(oracle_scorer)->Apply(sizes);
-// scorers: expected_attention, leverage, compactor
-// scorers: snapkv, h2o, tova, qfilter, keydiff
+BENCHMARK_CAPTURE(run_scorer, expected_attention, kvc::score::expected_attention{})->Apply(sizes);
+BENCHMARK_CAPTURE(run_scorer, leverage, kvc::score::leverage{})->Apply(sizes);
+BENCHMARK_CAPTURE(run_scorer, compactor, kvc::score::compactor{})->Apply(sizes);
+BENCHMARK_CAPTURE(run_scorer, snapkv, kvc::score::snapkv{})->Apply(sizes);
+BENCHMARK_CAPTURE(run_scorer, h2o, kvc::score::h2o{})->Apply(sizes);
+BENCHMARK_CAPTURE(run_scorer, tova, kvc::score::tova{})->Apply(sizes);
+BENCHMARK_CAPTURE(run_scorer, qfilter, kvc::score::qfilter{})->Apply(sizes);
+BENCHMARK_CAPTURE(run_scorer, keydiff, kvc::score::keydiff{})->Apply(sizes);
 
 BENCHMARK_MAIN();

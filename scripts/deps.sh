@@ -1,14 +1,16 @@
 # shellcheck shell=bash
 # scripts/deps.sh: shared by the scripts in this directory (source it, do not run it).
 #
-#   kvc_require cmake cxx eigen gtest gmock benchmark clang-format
+#   kvc_require cmake cxx eigen gtest gmock benchmark clang-format matplotlib
 #       checks each dependency; installs the missing ones with apt-get when running as root
 #       with apt-get available, otherwise stops with the command to run.
+#   kvc_python                                  prints a Python 3 that imports matplotlib
 #   kvc_configure <build-dir> [cmake args...]    configure quietly, show errors
 #   kvc_step "text"                             print a step header
 #
 # Dependencies map to Debian 12 packages: cmake, g++, make, libeigen3-dev, libgtest-dev,
-# libgmock-dev, libbenchmark-dev, clang-format. Set KVC_NO_INSTALL=1 to never install.
+# libgmock-dev, libbenchmark-dev, clang-format, python3-matplotlib. Set KVC_NO_INSTALL=1 to
+# never install.
 
 KVC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KVC_JOBS="${KVC_JOBS:-$(nproc 2>/dev/null || echo 2)}"
@@ -25,6 +27,19 @@ kvc_have_header() {
   local dir
   for dir in /usr/include /usr/local/include; do
     [[ -f "$dir/$1" ]] && return 0
+  done
+  return 1
+}
+
+# The Python 3 interpreter that imports matplotlib: Debian's /usr/bin/python3 first (where
+# python3-matplotlib installs it, whatever python3 comes first on PATH), then python3.
+kvc_python() {
+  local py
+  for py in /usr/bin/python3 "$(command -v python3 2>/dev/null || true)"; do
+    if [[ -n "$py" && -x "$py" ]] && "$py" -c 'import matplotlib' >/dev/null 2>&1; then
+      echo "$py"
+      return 0
+    fi
   done
   return 1
 }
@@ -54,6 +69,7 @@ kvc_check() {
     gmock) kvc_have_header gmock/gmock.h || echo libgmock-dev ;;
     benchmark) kvc_have_header benchmark/benchmark.h || echo libbenchmark-dev ;;
     clang-format) command -v clang-format >/dev/null 2>&1 || echo clang-format ;;
+    matplotlib) kvc_python >/dev/null || echo python3-matplotlib ;;
     *) kvc_die "deps.sh: unknown dependency '$1'" ;;
   esac
 }
@@ -81,7 +97,8 @@ kvc_apt_install() {
   return 1
 }
 
-# kvc_require <dependency>...: cmake, cxx, eigen, gtest, gmock, benchmark, clang-format.
+# kvc_require <dependency>...: cmake, cxx, eigen, gtest, gmock, benchmark, clang-format,
+# matplotlib.
 # A C++ build also needs make (or ninja when CMAKE_GENERATOR=Ninja): added with cmake.
 kvc_require() {
   local deps=("$@")

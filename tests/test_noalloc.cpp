@@ -22,7 +22,11 @@
 #include <new>
 #include <vector>
 
+#include <kvc/budget/adakv.hpp>
+#include <kvc/budget/byte_cap.hpp>
+#include <kvc/budget/pyramid.hpp>
 #include <kvc/kvc.hpp>
+#include <kvc/policies/decode_schedule.hpp>
 
 namespace {
 
@@ -233,5 +237,127 @@ TEST(NoAlloc, HotPathsF16) { run_hot_paths<kvc::codec::f16>(); }
 TEST(NoAlloc, HotPathsF32) { run_hot_paths<kvc::codec::f32>(); }
 // bf16 seals by encoding, like f16, through the bfloat16 conversion.
 TEST(NoAlloc, HotPathsBF16) { run_hot_paths<kvc::codec::bf16>(); }
+
+}  // namespace
+
+// ---------------------------------------------------------------- observation and budgets
+
+namespace {
+
+// A scorer that reads everything observation records: the observed queries and the
+// attention statistics (loaded by compress_context::load into the workspace, or pointed to).
+struct observing_scorer {
+  static constexpr const char* name = "observing";
+  static constexpr kvc::stream_fields fields =
+      kvc::stream_fields::keys | kvc::stream_fields::queries | kvc::stream_fields::attention;
+  kvc::status score(const kvc::stream_data& s, kvc::workspace& /*ws*/, float* out) const noexcept {
+    const float q0 = s.n_queries > 0 ? s.query(s.n_queries - 1, 0)[0] : 0.0f;
+    for (int i = 0; i < s.size(); ++i)
+      out[i] = s.attention_sum[i] + s.last_attention[i] + 0.001f * s.attention_count[i] + q0 * s.keys[i * s.head_dim()];
+    return kvc::ok_status();
+  }
+};
+
+// With observation on (a query window and attention tracking), append, attend (decode and
+// a multi-query call longer than the window, on shared pages too), compress with policies
+// that load the observations, every scorer, the pyramid, adakv and byte_cap budgets, and
+// decode_schedule::on_step (compressing and not) make no system allocation.
+TEST(NoAlloc, ObservationBudgetsAndSchedule) {
+  using cache_t = kvc::paged_kv_cache<kvc::codec::f16>;
+  kvc::cache_config cfg;
+  cfg.shape.num_layers = L;
+  cfg.shape.num_q_heads = QH;
+  cfg.shape.num_kv_heads = KVH;
+  cfg.shape.head_dim = D;
+  cfg.page_tokens = P;
+  cfg.max_context = 1024;
+  cfg.capacity_bytes = std::size_t{8} << 20;
+  cfg.observe.query_window = 8;
+  cfg.observe.track_attention = true;
+  auto created = cache_t::create(cfg);
+  ASSERT_TRUE(created.ok()) << created.status().message();
+  cache_t& cache = *created;
+
+  const int n = 300, nq = 20;
+  std::vector<float> k(static_cast<std::size_t>(n) * KVH * D), v(k.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = static_cast<float>((i * 37) % 101) / 50.0f - 1.0f;
+    v[i] = static_cast<float>((i * 53) % 97) / 48.0f - 1.0f;
+  }
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = i;
+  std::vector<float> q(static_cast<std::size_t>(nq) * QH * D), out(q.size());
+  for (std::size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>((i * 29) % 89) / 44.0f - 1.0f;
+  std::vector<std::int32_t> qpos(static_cast<std::size_t>(nq));
+
+  const kvc::seq_id a = cache.create_sequence();
+  auto append = [&](kvc::seq_id id, int layer, int from, int count) {
+    const std::size_t off = static_cast<std::size_t>(from) * KVH * D;
+    return cache.append(id, layer, k.data() + off, v.data() + off, pos.data() + from, count);
+  };
+  auto attend = [&](kvc::seq_id id, int layer, std::int32_t last, int count) {
+    for (int i = 0; i < count; ++i) qpos[static_cast<std::size_t>(i)] = last - count + 1 + i;
+    return cache.attend(id, layer, q.data(), qpos.data(), count, out.data());
+  };
+  for (int l = 0; l < L; ++l) ASSERT_TRUE(append(a, l, 0, 45).ok());
+  auto b = cache.fork(a);
+  ASSERT_TRUE(b.ok());
+
+  using kvc::budget::uniform;
+  const kvc::evict<observing_scorer, uniform> observing({}, uniform::keep_fraction(0.7));
+  const kvc::evict<kvc::score::knorm, kvc::budget::pyramid> pyramid({}, kvc::budget::pyramid::keep_fraction(0.8, 4));
+  const kvc::evict<kvc::score::knorm, kvc::budget::adakv> adakv({}, kvc::budget::adakv::keep_fraction(0.8));
+  const kvc::evict<kvc::score::knorm, kvc::budget::byte_cap> capped({}, kvc::budget::byte_cap(30000));
+  kvc::decode_schedule<kvc::evict<kvc::score::knorm, uniform>> schedule(
+      kvc::evict<kvc::score::knorm, uniform>({}, uniform::tokens(40)), 8);
+  schedule.reset(45);
+
+  std::vector<kvc::status> results(64);  // reserved before arming; filled by assignment
+  std::size_t r = 0;
+  kvc::status step_failure;
+  int compressed = 0;
+  const auto keep = [&](const auto& rep) { results[r++] = rep.ok() ? kvc::ok_status() : rep.status(); };
+  allocation_counter counter;
+  for (int l = 0; l < L; ++l) {
+    results[r++] = attend(a, l, 44, nq);   // 20 queries, more than the window of 8
+    results[r++] = attend(*b, l, 44, 1);   // decode on shared pages
+    results[r++] = append(*b, l, 45, 30);  // copy-on-write of the shared open page, sealing
+    results[r++] = attend(*b, l, 74, 3);
+  }
+  keep(cache.compress(a, observing));
+  keep(cache.compress(*b, pyramid));
+  keep(cache.compress(*b, 1, adakv));
+  // Every scorer that reads observations or does linear algebra, on the fork.
+  const auto fraction = uniform::keep_fraction(0.95);
+  keep(cache.compress(*b, kvc::evict<kvc::score::snapkv, uniform>({}, fraction)));
+  keep(cache.compress(*b, kvc::evict<kvc::score::h2o, uniform>({}, fraction)));
+  keep(cache.compress(*b, kvc::evict<kvc::score::tova, uniform>({}, fraction)));
+  keep(cache.compress(*b, kvc::evict<kvc::score::qfilter, uniform>({}, fraction)));
+  keep(cache.compress(*b, kvc::evict<kvc::score::keydiff, uniform>({}, fraction)));
+  keep(cache.compress(*b, kvc::evict<kvc::score::expected_attention, uniform>({}, fraction)));
+  keep(cache.compress(*b, kvc::evict<kvc::score::leverage, uniform>({}, fraction)));
+  keep(cache.compress(*b, kvc::evict<kvc::score::compactor, uniform>({}, fraction)));
+  for (int l = 0; l < L; ++l) results[r++] = append(a, l, 45, 40);
+  keep(cache.compress(a, capped));
+  for (int step = 0; step < 40; ++step) {
+    for (int l = 0; l < L; ++l) {
+      kvc::status st = append(a, l, 85 + step, 1);
+      if (!st.ok() && step_failure.ok()) step_failure = st;
+      st = attend(a, l, 85 + step, 1);
+      if (!st.ok() && step_failure.ok()) step_failure = st;
+    }
+    auto s = schedule.on_step(cache, a);
+    if (!s.ok() && step_failure.ok()) step_failure = s.status();
+    if (s.ok() && s->compressed) ++compressed;
+  }
+  counter.stop();
+
+  for (std::size_t i = 0; i < r; ++i) EXPECT_TRUE(results[i].ok()) << "call " << i << ": " << results[i].message();
+  EXPECT_TRUE(step_failure.ok()) << step_failure.message();
+  EXPECT_EQ(counter.allocations_seen(), 0) << "system allocations with observation on";
+  EXPECT_EQ(counter.deallocations_seen(), 0);
+  EXPECT_EQ(compressed, 5) << "40 decode steps, every 8";
+  EXPECT_LE(cache.view(a, 0, 0)->size(), 40 + 8);
+}
 
 }  // namespace

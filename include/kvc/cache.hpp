@@ -558,6 +558,20 @@ class paged_kv_cache {
     workspace& scratch() noexcept { return ws_; }
     std::uint8_t* keep(int i) noexcept { return keep_ + offsets_[i]; }
 
+    // Where stream i's tokens lie, for budgets that count bytes: its first sealed_tokens(i)
+    // tokens are in sealed pages, the rest in its open page.
+    int sealed_tokens(int i) const noexcept {
+      const int si = first_ + i;
+      const detail::stream_state& st = seq_->streams[static_cast<std::size_t>(si)];
+      if (st.n_pages == 0) return 0;
+      const page_id last = seq_->table(si)[st.n_pages - 1];
+      return cache_->pool_.is_open(last) ? st.n_tokens - cache_->page_count_[static_cast<std::size_t>(last)]
+                                         : st.n_tokens;
+    }
+    int page_tokens() const noexcept { return cache_->config().page_tokens; }
+    std::size_t open_page_bytes() const noexcept { return cache_->open_page_bytes(); }
+    std::size_t sealed_page_bytes() const noexcept { return cache_->sealed_page_bytes(); }
+
     // Copies stream i into scratch memory (freed when the policy rewinds the workspace
     // or compress() returns).
     status load(int i, stream_fields fields, stream_data& out) {

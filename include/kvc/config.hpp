@@ -44,11 +44,11 @@ struct rope_spec {
 // What attend() records for policies; off by default, and free when off.
 struct observation_config {
   // The last query_window queries of every (sequence, layer), all query heads, with their
-  // positions (SnapKV, expected attention, Q-filters). 0: none.
+  // positions (SnapKV, TOVA, expected attention, Q-filters). 0: none.
   int query_window = 0;
   // Per retained token: attention summed over the queries that attended it, the number of
   // those queries, and the latest query's attention, each averaged over the KV head's query
-  // group (H2O, TOVA). Costs a second pass over the keys in attend and 12 bytes per token of
+  // group (H2O). Costs a second pass over the keys in attend and 12 bytes per token of
   // max_context per stream.
   bool track_attention = false;
 };

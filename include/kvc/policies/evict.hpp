@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "kvc/budget/budget.hpp"
@@ -36,6 +37,16 @@ inline void keep_top_k(const float* scores, int n, int k, std::uint8_t* keep, st
   std::nth_element(idx, idx + (k - 1), idx + n, better);
   for (int i = 0; i < k; ++i) keep[idx[i]] = 1;
 }
+
+// Whether a compress context tells where each stream's tokens lie in pages.
+template <class C, class = void>
+struct has_page_layout : std::false_type {};
+
+template <class C>
+struct has_page_layout<C, std::void_t<decltype(std::declval<const C&>().sealed_tokens(0)),
+                                      decltype(std::declval<const C&>().page_tokens()),
+                                      decltype(std::declval<const C&>().open_page_bytes()),
+                                      decltype(std::declval<const C&>().sealed_page_bytes())>> : std::true_type {};
 
 }  // namespace detail
 
@@ -85,6 +96,16 @@ class evict {
     req.num_streams = n_streams;
     req.streams = infos;
     req.scores = scores;
+    req.scratch = &ws;
+    if constexpr (detail::has_page_layout<Context>::value) {
+      std::int32_t* sealed = ws.alloc<std::int32_t>(static_cast<std::size_t>(n_streams));
+      if (n_streams > 0 && sealed == nullptr) return full(ws);
+      for (int i = 0; i < n_streams; ++i) sealed[i] = ctx.sealed_tokens(i);
+      req.sealed_tokens = sealed;
+      req.page_tokens = ctx.page_tokens();
+      req.open_page_bytes = ctx.open_page_bytes();
+      req.sealed_page_bytes = ctx.sealed_page_bytes();
+    }
     KVC_RETURN_IF_ERROR(budget_.allocate(req, keep_counts));
     for (int i = 0; i < n_streams; ++i)
       if (keep_counts[i] < 0 || keep_counts[i] > infos[i].n_tokens)
