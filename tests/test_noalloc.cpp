@@ -137,9 +137,8 @@ TEST(NoAlloc, CounterSeesEveryForm) {
 
 constexpr int L = 2, KVH = 2, QH = 8, D = 64, P = 16;
 
-template <class Codec>
-void run_hot_paths() {
-  using cache_t = kvc::paged_kv_cache<Codec>;
+// The cache every test here builds: 2 layers, GQA 4, head_dim 64, 16-token pages, 8 MiB.
+kvc::cache_config small_config() {
   kvc::cache_config cfg;
   cfg.shape.num_layers = L;
   cfg.shape.num_q_heads = QH;
@@ -148,6 +147,13 @@ void run_hot_paths() {
   cfg.page_tokens = P;
   cfg.max_context = 1024;
   cfg.capacity_bytes = std::size_t{8} << 20;
+  return cfg;
+}
+
+template <class Codec>
+void run_hot_paths() {
+  using cache_t = kvc::paged_kv_cache<Codec>;
+  kvc::cache_config cfg = small_config();
   auto created = cache_t::create(cfg);
   ASSERT_TRUE(created.ok()) << created.status().message();
   cache_t& cache = *created;
@@ -264,14 +270,7 @@ struct observing_scorer {
 // decode_schedule::on_step (compressing and not) make no system allocation.
 TEST(NoAlloc, ObservationBudgetsAndSchedule) {
   using cache_t = kvc::paged_kv_cache<kvc::codec::f16>;
-  kvc::cache_config cfg;
-  cfg.shape.num_layers = L;
-  cfg.shape.num_q_heads = QH;
-  cfg.shape.num_kv_heads = KVH;
-  cfg.shape.head_dim = D;
-  cfg.page_tokens = P;
-  cfg.max_context = 1024;
-  cfg.capacity_bytes = std::size_t{8} << 20;
+  kvc::cache_config cfg = small_config();
   cfg.observe.query_window = 8;
   cfg.observe.track_attention = true;
   auto created = cache_t::create(cfg);

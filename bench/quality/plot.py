@@ -13,8 +13,6 @@ PREFIX defaults to the CSV's path without ".csv". Needs Python 3 and matplotlib 
 """
 
 import argparse
-import csv
-import math
 import os
 import sys
 
@@ -22,6 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from quality_csv import ordered, read_rows, value  # noqa: E402
 
 TITLES = {
     "rel_error": "relative L2 error of the output (lower is better)",
@@ -39,37 +39,6 @@ SHORT = {
     "needle_kept": "needles retained",
     "kept": "tokens retained",
 }
-
-
-def read_rows(path):
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            r["ratio"] = float(r["ratio"])
-            rows.append(r)
-    if not rows:
-        sys.exit(f"plot.py: {path} has no rows")
-    return rows
-
-
-def value(row, metric):
-    """The metric of one row as a float, or None when it is empty or the row failed."""
-    if row.get("error"):
-        return None
-    text = row.get(metric, "")
-    if text == "":
-        return None
-    v = float(text)
-    return None if math.isnan(v) else v
-
-
-def ordered(items):
-    """Unique items in their first-seen order."""
-    seen = []
-    for x in items:
-        if x not in seen:
-            seen.append(x)
-    return seen
 
 
 def style(scorers):
@@ -228,7 +197,7 @@ def main():
         if m not in TITLES:
             sys.exit(f"plot.py: unknown metric '{m}' ({', '.join(TITLES)})")
     out = a.out or (a.csv[:-4] if a.csv.endswith(".csv") else a.csv)
-    rows = read_rows(a.csv)
+    rows = read_rows(a.csv, "plot.py")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     plot_budget(rows, a.budget, metrics, out + ".png")
     plot_budgets(rows, out + "_budgets.png")

@@ -15,37 +15,9 @@ standard library only.
 """
 
 import argparse
-import csv
-import math
 import sys
 
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        sys.exit(f"table.py: {path} has no rows")
-    for r in rows:
-        r["ratio"] = float(r["ratio"])
-    return rows
-
-
-def ordered(items):
-    seen = []
-    for x in items:
-        if x not in seen:
-            seen.append(x)
-    return seen
-
-
-def value(row, metric):
-    if row.get("error"):
-        return None
-    text = row.get(metric, "")
-    if text == "":
-        return None
-    v = float(text)
-    return None if math.isnan(v) else v
+from quality_csv import ordered, read_rows, value
 
 
 def mean(values):
@@ -96,7 +68,7 @@ def main():
     p.add_argument("--note", default="", help="a line printed under the title (e.g. the model shape)")
     a = p.parse_args()
 
-    rows = read_rows(a.csv)
+    rows = read_rows(a.csv, "table.py")
     suites = ordered(r["suite"] for r in rows)
     scorers = ordered(r["scorer"] for r in rows)
     budgets = ordered(r["budget"] for r in rows)
