@@ -189,10 +189,21 @@ bool fill(kvc::paged_kv_cache<Codec>& cache, kvc::seq_id seq, int n, std::uint64
 // Bytes attend() reads for one layer: per retained token, its key and value rows in the
 // page's storage (float in the open page, the codec's otherwise), its position and its
 // log-weight.
+// Key and value payload of a sealed page per token, position and log-weight included (the
+// quantized codecs' scales and zero points are part of the payload).
 template <class Codec>
-std::size_t layer_bytes_read(const kvc::paged_kv_cache<Codec>& cache, kvc::seq_id seq, int layer) {
+std::size_t sealed_token_bytes(int page_tokens) {
+  using K = kvc::detail::key_role_t<Codec>;
+  using V = kvc::detail::value_role_t<Codec>;
+  return (K::page_bytes(page_tokens, head_dim) + V::page_bytes(page_tokens, head_dim)) /
+             static_cast<std::size_t>(page_tokens) +
+         sizeof(std::int32_t) + sizeof(float);
+}
+
+template <class Codec>
+std::size_t layer_bytes_read(const kvc::paged_kv_cache<Codec>& cache, kvc::seq_id seq, int layer, int page_tokens) {
   std::size_t bytes = 0;
-  const std::size_t sealed_row = 2 * Codec::row_bytes(head_dim) + sizeof(std::int32_t) + sizeof(float);
+  const std::size_t sealed_row = sealed_token_bytes<Codec>(page_tokens);
   const std::size_t open_row = 2 * kvc::codec::f32::row_bytes(head_dim) + sizeof(std::int32_t) + sizeof(float);
   for (int h = 0; h < kv_heads; ++h) {
     auto v = cache.view(seq, layer, h);
@@ -241,15 +252,14 @@ void BM_attend(benchmark::State& state) {
       std::string("attend/") + Codec::name + "/" + std::to_string(n_ctx) + "/" + std::to_string(page_tokens);
   auto* af = cached<attend_fixture<Codec>>(key, [&]() -> attend_fixture<Codec>* {
     // Enough layers that one sweep reads attend_working_set bytes or more.
-    const std::size_t per_layer = static_cast<std::size_t>(n_ctx) * kv_heads *
-                                  (2 * Codec::row_bytes(head_dim) + sizeof(std::int32_t) + sizeof(float));
+    const std::size_t per_layer = static_cast<std::size_t>(n_ctx) * kv_heads * sealed_token_bytes<Codec>(page_tokens);
     const int layers = static_cast<int>(std::max<std::size_t>(1, (attend_working_set + per_layer - 1) / per_layer));
     auto f = make_cache<Codec>(layers, n_ctx, page_tokens);
     if (!f) return nullptr;
     f->seq = f->cache.create_sequence();
     if (!fill(f->cache, f->seq, n_ctx, 1)) return nullptr;
     auto* a = new attend_fixture<Codec>{std::move(f), layers, 0};
-    a->bytes_per_layer = layer_bytes_read(a->f->cache, a->f->seq, 0);
+    a->bytes_per_layer = layer_bytes_read(a->f->cache, a->f->seq, 0, page_tokens);
     return a;
   });
   if (af == nullptr) {
@@ -387,6 +397,13 @@ void attend_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"ctx", "page"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 
+// The quantized codecs at the contexts where decode attention is long: 16K to 64K tokens.
+void quantized_attend_args(benchmark::internal::Benchmark* b) {
+  for (int page : {16, 64})
+    for (int n : {16 << 10, 32 << 10, 64 << 10}) b->Args({n, page});
+  b->ArgNames({"ctx", "page"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+
 void append_args(benchmark::internal::Benchmark* b) {
   for (int chunk : {1, 1024})
     for (int n : {1 << 10, 16 << 10, 64 << 10}) b->Args({n, chunk});
@@ -402,6 +419,10 @@ BENCHMARK(BM_read_probe)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::f32)->Apply(attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::f16)->Apply(attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::bf16)->Apply(attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::int8)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<8>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<4>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<2>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f32)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f16)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::bf16)->Apply(append_args);

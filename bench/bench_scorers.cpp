@@ -3,12 +3,19 @@
 // One iteration scores one stream (one KV head of one layer) of n tokens: it calls
 // Scorer::score() on a kvc::stream_data that holds the stream as compress() would load it
 // (float keys and values [n][128], positions, log-weights, the observed queries of the
-// KV head's group of 4 query heads, attention statistics). The rate is token-heads per
-// second: n divided by the time of one call. Data is synthetic (Gaussian keys with a few
-// large channels, values, queries correlated with the keys), generated once per size.
+// KV head's group of 4 query heads, attention statistics, key norms as a cache with
+// observe.key_norms keeps them). The rate is token-heads per second: n divided by the time
+// of one call. Data is synthetic (Gaussian keys with a few large channels, values, queries
+// correlated with the keys), generated once per size.
 //
 // The workspace a scorer may use is allocated outside the timed region, as the cache
 // allocates its own once at create().
+//
+// Two rows measure this machine in the same run, so that each scorer's figure can be read
+// against what bounds it: `bound_read_keys` is one pass over the float keys (a sum, n * 512
+// bytes), the memory-read bound of any scorer that must read every key once; `bound_fma`
+// is the single-thread peak of fused multiply-adds (independent accumulators in
+// registers), reported as fma/s, the bound of the scorers whose cost is arithmetic.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -33,7 +40,7 @@ constexpr int observed = 64;  // observed queries (the window of SnapKV-like sco
 struct stream_fixture {
   kvc::model_shape shape{1, q_heads, kv_heads, head_dim};
   kvc::rope_spec rope;
-  std::vector<float> keys, values, queries, attention_sum, attention_count, last_attention, log_weights;
+  std::vector<float> keys, values, queries, attention_sum, attention_count, last_attention, log_weights, key_norms;
   std::vector<std::int32_t> positions, query_positions;
   kvc::stream_data data;
 
@@ -61,6 +68,10 @@ struct stream_fixture {
           queries[(static_cast<std::size_t>(j) * group + static_cast<std::size_t>(g)) * d + c] =
               0.5f * k[c] + normal(rng);
     }
+    key_norms.resize(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i)
+      key_norms[static_cast<std::size_t>(i)] = std::sqrt(
+          kvc::detail::dot(&keys[static_cast<std::size_t>(i) * d], &keys[static_cast<std::size_t>(i) * d], head_dim));
     attention_sum.resize(static_cast<std::size_t>(n));
     attention_count.resize(static_cast<std::size_t>(n));
     last_attention.resize(static_cast<std::size_t>(n));
@@ -81,6 +92,7 @@ struct stream_fixture {
     data.attention_sum = attention_sum.data();
     data.attention_count = attention_count.data();
     data.last_attention = last_attention.data();
+    data.key_norms = key_norms.data();
     data.rope = &rope;
   }
 };
@@ -135,8 +147,66 @@ void oracle_scorer(benchmark::State& state) {
   run_scorer(state, scorer);
 }
 
+// What compress() does for knorm when the cache does not keep key norms: one norm per
+// stored key (here from the float keys).
+void knorm_from_keys(benchmark::State& state) {
+  const int n = static_cast<int>(state.range(0));
+  const stream_fixture& f = fixture(n);
+  std::vector<float> norms(static_cast<std::size_t>(n));
+  for (auto _ : state) {
+    for (int i = 0; i < n; ++i) {
+      const float* k = f.keys.data() + static_cast<std::size_t>(i) * head_dim;
+      norms[static_cast<std::size_t>(i)] = std::sqrt(kvc::detail::dot(k, k, head_dim));
+    }
+    benchmark::DoNotOptimize(norms.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["token-heads/s"] =
+      benchmark::Counter(static_cast<double>(n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+// One pass over the keys: the memory-read bound of a scorer that reads each key once.
+void bound_read_keys(benchmark::State& state) {
+  const int n = static_cast<int>(state.range(0));
+  const stream_fixture& f = fixture(n);
+  const std::size_t count = static_cast<std::size_t>(n) * head_dim;
+  for (auto _ : state) {
+    float acc[32] = {};
+    const float* k = f.keys.data();
+    for (std::size_t i = 0; i < count; i += 32)
+      for (int j = 0; j < 32; ++j) acc[j] += k[i + static_cast<std::size_t>(j)];
+    benchmark::DoNotOptimize(acc);
+  }
+  state.counters["token-heads/s"] =
+      benchmark::Counter(static_cast<double>(n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["GB/s"] =
+      benchmark::Counter(static_cast<double>(count) * sizeof(float) * 1e-9 * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+}
+
+// Peak fused multiply-adds per second on one thread: 96 independent accumulators that
+// the compiler keeps in vector registers.
+void bound_fma(benchmark::State& state) {
+  constexpr int lanes = 96, steps = 4096;
+  float acc[lanes];
+  for (int j = 0; j < lanes; ++j) acc[j] = 1.0f + 1e-3f * static_cast<float>(j);
+  float a = 0.999f, b = 1e-4f;
+  benchmark::DoNotOptimize(a);
+  benchmark::DoNotOptimize(b);
+  for (auto _ : state) {
+    for (int t = 0; t < steps; ++t)
+      for (int j = 0; j < lanes; ++j) acc[j] = std::fma(acc[j], a, b);
+    benchmark::DoNotOptimize(acc);
+  }
+  state.counters["fma/s"] = benchmark::Counter(
+      static_cast<double>(lanes) * steps * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
 }  // namespace
 
+BENCHMARK(bound_read_keys)->Apply(sizes);
+BENCHMARK(bound_fma);
+BENCHMARK(knorm_from_keys)->Apply(sizes);
 BENCHMARK_CAPTURE(run_scorer, streaming, kvc::score::streaming{})->Apply(sizes);
 BENCHMARK_CAPTURE(run_scorer, knorm, kvc::score::knorm{})->Apply(sizes);
 BENCHMARK_CAPTURE(run_scorer, random, kvc::score::random{})->Apply(sizes);

@@ -312,6 +312,56 @@ TEST(Knorm, EqualNormsKeepTheMostRecent) {
   EXPECT_EQ(view->positions(), (std::vector<std::int32_t>{114, 115, 116, 117, 118, 119}));
 }
 
+// config.hpp, observe.key_norms: the cache keeps ||k|| of every appended key in step
+// with eviction and fork, so K-norm (Devoto et al. 2024, Sec. 4) reads no keys. Over
+// three rounds of appending and compressing (a custom thinning, a fork, top-k evictions)
+// the scores knorm sees equal -||k||_2 of the test's own record of the retained keys,
+// and are bit-identical to those computed from the stored keys by a cache that does not
+// keep norms (f32 pages: the same keys, the same kernel).
+TEST(Knorm, KeptNormsFollowEvictionAndForkAndMatchStoredKeys) {
+  using cache_t = kvc::paged_kv_cache<kvc::codec::f32>;
+  kvc::cache_config with = policy_test::make_config(small_shape, 5);
+  with.observe.key_norms = true;
+  cache_t kept = policy_test::make_cache<cache_t>(with);
+  cache_t computed = policy_test::make_cache<cache_t>(policy_test::make_config(small_shape, 5));
+  mirror m(small_shape), parent(small_shape), scratch(small_shape);
+  std::mt19937 rng(2024), rng_copy(2024);
+  const kvc::seq_id a = kept.create_sequence(), b = computed.create_sequence();
+  ASSERT_NO_FATAL_FAILURE(build_varied(kept, m, a, rng));
+  ASSERT_NO_FATAL_FAILURE(build_varied(computed, parent, b, rng_copy));
+  auto fa = kept.fork(a);
+  auto fb = computed.fork(b);
+  ASSERT_TRUE(fa.ok() && fb.ok());
+  for (int round = 0; round < 3; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    std::mt19937 r1(77u + static_cast<unsigned>(round)), r2 = r1;
+    POLICY_ASSERT_OK(policy_test::append_random(kept, m, *fa, round % 3, 200 + 20 * round, 9, r1));
+    POLICY_ASSERT_OK(policy_test::append_random(computed, scratch, *fb, round % 3, 200 + 20 * round, 9, r2));
+    score_map rk, rc;
+    const auto budget = kvc::budget::uniform::keep_fraction(0.7);
+    compress_ok(kept, *fa, kvc::all_layers, kvc::evict(policy_test::recording<kvc::score::knorm>{{}, &rk}, budget));
+    compress_ok(computed, *fb, kvc::all_layers, kvc::evict(policy_test::recording<kvc::score::knorm>{{}, &rc}, budget));
+    for (int l = 0; l < small_shape.num_layers; ++l)
+      for (int h = 0; h < small_shape.num_kv_heads; ++h) {
+        const std::vector<double> ref = policy_test::knorm_reference(m.stream(l, h));
+        const std::vector<float>& sk = rk[{l, h}];
+        ASSERT_EQ(sk.size(), ref.size());
+        for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(sk[i], ref[i], 1e-6 * std::fabs(ref[i]));
+        EXPECT_EQ(sk, (rc[{l, h}]));
+        m.keep(l, h, policy_test::brute_top_k(ref, round_keep(static_cast<int>(ref.size()), 0.7)));
+      }
+    ASSERT_TRUE(policy_test::cache_equals(kept, *fa, m));
+  }
+  // The parent kept its own norms through the fork.
+  score_map rp;
+  compress_ok(kept, a, kvc::all_layers,
+              kvc::evict(policy_test::recording<kvc::score::knorm>{{}, &rp}, kvc::budget::uniform::keep_fraction(1.0)));
+  const std::vector<double> ref = policy_test::knorm_reference(parent.stream(1, 1));
+  const std::vector<float>& sp = rp[{1, 1}];
+  ASSERT_EQ(sp.size(), ref.size());
+  for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(sp[i], ref[i], 1e-6 * std::fabs(ref[i]));
+}
+
 // ====================================================================== random
 
 // Appends `n` tokens at positions 5 + 3i to every layer of a 4-layer, 2-KV-head cache.

@@ -854,6 +854,17 @@ TEST(KeyDiff, MatchesBruteForceAndHandWorkedExamples) {
     const ref_stream r = random_stream(rng, o);
     SCOPED_TRACE("n = " + std::to_string(n));
     EXPECT_TRUE(scores_near(run(kvc::score::keydiff{}, packed_stream(r).data()), keydiff_reference(r), 1e-6, 0));
+    // With the norms a cache keeps (observe.key_norms), computed here in double, the same scores.
+    std::vector<float> norms;
+    for (const std::vector<double>& k : r.keys) {
+      double sq = 0.0;
+      for (double x : k) sq += x * x;
+      norms.push_back(static_cast<float>(std::sqrt(sq)));
+    }
+    const packed_stream with_norms(r);
+    kvc::stream_data sn = with_norms.data();
+    sn.key_norms = norms.data();
+    EXPECT_TRUE(scores_near(run(kvc::score::keydiff{}, sn), keydiff_reference(r), 1e-6, 0));
   }
   auto keys = [](std::vector<std::vector<double>> k) {
     ref_stream r;

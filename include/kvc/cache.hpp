@@ -137,6 +137,7 @@ struct sequence {
   std::vector<std::int32_t> query_pos;     // [layers][query_window]
   std::vector<std::int64_t> queries_seen;  // [layers] queries recorded so far
   std::vector<float> attention;            // [streams][3][max_context]: sum, count, last
+  std::vector<float> key_norms;            // [streams][max_context]: ||k|| as appended
 
   page_id* table(int s) noexcept { return pages.data() + static_cast<std::size_t>(s) * page_capacity; }
   const page_id* table(int s) const noexcept { return pages.data() + static_cast<std::size_t>(s) * page_capacity; }
@@ -158,20 +159,26 @@ struct stream_plan {
 
 }  // namespace detail
 
-template <class KeyCodec, class ValueCodec = KeyCodec>
+template <class KeySpec, class ValueSpec = KeySpec>
 class paged_kv_cache {
+  // A codec pair (codec::kivi) gives its key codec to keys and its value codec to values.
+  using KeyCodec = detail::key_role_t<KeySpec>;
+  using ValueCodec = detail::value_role_t<ValueSpec>;
   static_assert(is_codec_v<KeyCodec>,
                 "kvc::paged_kv_cache: KeyCodec does not satisfy the codec interface in kvc/codecs/codec.hpp "
                 "(use kvc::codec::f32, f16 or bf16, or provide every member listed there)");
   static_assert(is_codec_v<ValueCodec>,
                 "kvc::paged_kv_cache: ValueCodec does not satisfy the codec interface in kvc/codecs/codec.hpp");
-  static_assert(detail::token_granular_v<KeyCodec> && detail::token_granular_v<ValueCodec>,
-                "kvc::paged_kv_cache: compaction needs token-granular codecs (row_codec)");
 
  public:
   using key_codec = KeyCodec;
   using value_codec = ValueCodec;
   static constexpr bool seal_in_place = KeyCodec::identity && ValueCodec::identity;
+  // Sealed pages whose attention runs on the codes (codecs with fused members).
+  static constexpr bool fused_pages = detail::fused_v<KeyCodec> && detail::fused_v<ValueCodec>;
+  // Sealed rows that cannot move alone: compaction re-encodes the pages it changes.
+  static constexpr bool reencode_keys = !detail::token_granular_v<KeyCodec>;
+  static constexpr bool reencode_values = !detail::token_granular_v<ValueCodec>;
 
   class compress_context;
   class stream_view;
@@ -242,6 +249,10 @@ class paged_kv_cache {
                            ? static_cast<std::size_t>(n_streams) * 3 * static_cast<std::size_t>(config_.max_context)
                            : 0,
                        0.0f);
+    s.key_norms.assign(config_.observe.key_norms
+                           ? static_cast<std::size_t>(n_streams) * static_cast<std::size_t>(config_.max_context)
+                           : 0,
+                       0.0f);
     s.live = true;
     return make_id(slot, s.generation);
   }
@@ -262,6 +273,7 @@ class paged_kv_cache {
     s.query_pos = p->query_pos;
     s.queries_seen = p->queries_seen;
     s.attention = p->attention;
+    s.key_norms = p->key_norms;
     s.report_before.assign(p->streams.size(), 0);
     s.report_after.assign(p->streams.size(), 0);
     {
@@ -456,6 +468,14 @@ class paged_kv_cache {
     detail::stream_plan* plans = ws.alloc<detail::stream_plan>(static_cast<std::size_t>(count));
     page_id* old_pages = ws.alloc<page_id>(static_cast<std::size_t>(s->page_capacity));
     if (plans == nullptr || old_pages == nullptr) return exhausted(ws, "compress: plans");
+    // Kept rows of one page, in float, for codecs whose pages are re-encoded.
+    const std::size_t page_floats =
+        static_cast<std::size_t>(config_.page_tokens) * static_cast<std::size_t>(sh.head_dim);
+    float* rebuild = nullptr;
+    if constexpr (reencode_keys || reencode_values) {
+      rebuild = ws.alloc<float>(2 * page_floats);
+      if (rebuild == nullptr) return exhausted(ws, "compress: re-encoding quantized pages");
+    }
 
     std::lock_guard<std::mutex> lock(locks_->pool);
     pool_counts c = pool_.counts();
@@ -475,7 +495,7 @@ class paged_kv_cache {
     for (int i = 0; i < count; ++i) {
       rep.tokens_before += s->streams[static_cast<std::size_t>(first + i)].n_tokens;
       rep.bytes_before += stream_bytes(*s, first + i);
-      rep.pages_freed += apply_stream(*s, first + i, plans[i], keep + offsets[i], old_pages);
+      rep.pages_freed += apply_stream(*s, first + i, plans[i], keep + offsets[i], old_pages, rebuild);
       rep.tokens_after += s->streams[static_cast<std::size_t>(first + i)].n_tokens;
       rep.bytes_after += stream_bytes(*s, first + i);
     }
@@ -613,6 +633,19 @@ class paged_kv_cache {
         out.attention_sum = cache_->attention_of(*seq_, si, 0);
         out.attention_count = cache_->attention_of(*seq_, si, 1);
         out.last_attention = cache_->attention_of(*seq_, si, 2);
+      }
+      // Kept norms cost nothing to hand over, so scorers that can use them (keydiff) get
+      // them whenever the cache keeps them.
+      if (cfg.observe.key_norms) {
+        out.key_norms = cache_->key_norms_of(*seq_, first_ + i);
+      } else if (has_field(fields, stream_fields::key_norms)) {
+        float* kn = ws_.alloc<float>(n);
+        if (n > 0 && kn == nullptr) return exhausted(ws_, "compress: computing key norms");
+        workspace_scope page_scope(ws_);
+        float* page = ws_.alloc<float>(static_cast<std::size_t>(cfg.page_tokens) * d);
+        if (n > 0 && page == nullptr) return exhausted(ws_, "compress: computing key norms");
+        cache_->stored_key_norms(*seq_, first_ + i, page, kn);
+        out.key_norms = kn;
       }
       std::int32_t* pos = ws_.alloc<std::int32_t>(n);
       float* lw = ws_.alloc<float>(n);
@@ -793,6 +826,39 @@ class paged_kv_cache {
                                     static_cast<std::size_t>(config_.max_context);
   }
 
+  // ||k|| of each retained token of stream si, as appended: [max_context].
+  template <class Seq>
+  auto key_norms_of(Seq& s, int si) const noexcept {
+    return s.key_norms.data() + static_cast<std::size_t>(si) * static_cast<std::size_t>(config_.max_context);
+  }
+
+  // Calls f(page, count, base, open, row) for the pages of stream si in order, row being the
+  // stream index of the page's first token.
+  template <class F>
+  void for_each_page(const detail::sequence& s, int si, F&& f) const noexcept {
+    const page_id* t = s.table(si);
+    std::size_t row = 0;
+    for (std::int32_t j = 0; j < s.streams[static_cast<std::size_t>(si)].n_pages; ++j) {
+      const page_id p = t[j];
+      const int cnt = page_count_[static_cast<std::size_t>(p)];
+      f(p, cnt, pool_.data(p), pool_.is_open(p), row);
+      row += static_cast<std::size_t>(cnt);
+    }
+  }
+
+  // ||k|| of each retained token of stream si from its stored keys, decoded one page at a
+  // time into page ([page_tokens][head_dim]); out: [n_tokens].
+  void stored_key_norms(const detail::sequence& s, int si, float* page, float* out) const noexcept {
+    const int d = shape().head_dim, P = config_.page_tokens;
+    for_each_page(s, si, [&](page_id, int cnt, const std::byte* base, bool open, std::size_t row) {
+      const float* k = open ? codec::f32::rows_f32(base + open_.keys, 0, cnt, d, P, page)
+                            : KeyCodec::rows_f32(base + sealed_.keys, 0, cnt, d, P, page);
+      for (int r = 0; r < cnt; ++r)
+        out[row + static_cast<std::size_t>(r)] =
+            std::sqrt(detail::dot(k + static_cast<std::size_t>(r) * d, k + static_cast<std::size_t>(r) * d, d));
+    });
+  }
+
   std::size_t stream_bytes(const detail::sequence& s, int si) const noexcept {
     std::size_t b = 0;
     const page_id* t = s.table(si);
@@ -843,13 +909,7 @@ class paged_kv_cache {
   void copy_stream(const detail::sequence& s, int si, float* keys, float* values, std::int32_t* pos,
                    float* log_w) const noexcept {
     const int d = shape().head_dim, P = config_.page_tokens;
-    const page_id* t = s.table(si);
-    std::size_t row = 0;
-    for (std::int32_t j = 0; j < s.streams[static_cast<std::size_t>(si)].n_pages; ++j) {
-      const page_id p = t[j];
-      const int cnt = page_count_[static_cast<std::size_t>(p)];
-      const std::byte* base = pool_.data(p);
-      const bool open = pool_.is_open(p);
+    for_each_page(s, si, [&](page_id, int cnt, const std::byte* base, bool open, std::size_t row) {
       const page_layout& l = open ? open_ : sealed_;
       if (keys != nullptr) {
         float* dst = keys + row * static_cast<std::size_t>(d);
@@ -869,13 +929,114 @@ class paged_kv_cache {
         std::memcpy(pos + row, base + l.positions, sizeof(std::int32_t) * static_cast<std::size_t>(cnt));
       if (log_w != nullptr)
         std::memcpy(log_w + row, base + l.log_weights, sizeof(float) * static_cast<std::size_t>(cnt));
-      row += static_cast<std::size_t>(cnt);
+    });
+  }
+
+  // A sealed page of fused codecs: for each run of up to 8 query rows whose outputs are
+  // adjacent (the heads of one GQA group), the key codec turns each chunk of up to 64 tokens'
+  // codes into logits for all of them and the value codec adds p * v from the value codes;
+  // the online softmax is attend_tile's, per chunk. False once the page starts after every query.
+  bool attend_page_fused(detail::row_block& b, page_id p, page_id next) const noexcept {
+    const int d = shape().head_dim, P = config_.page_tokens;
+    const int cnt = page_count_[static_cast<std::size_t>(p)];
+    const std::byte* base = pool_.data(p);
+    const std::int32_t* pos = reinterpret_cast<const std::int32_t*>(base + sealed_.positions);
+    const float* lw = reinterpret_cast<const float*>(base + sealed_.log_weights);
+    const float sc = scale_;
+    if (cnt == 0) return true;
+    if (pos[0] > b.max_pos) return false;
+    prefetch_page(next);
+    const std::byte* kp = base + sealed_.keys;
+    const std::byte* vp = base + sealed_.values;
+    constexpr int max_run = 8, chunk = 64;
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
+    alignas(64) float w[max_run * max_head_dim];
+    float bias[max_run * (max_head_dim / 32 + 1)];
+    alignas(64) float s[max_run * chunk];
+    for (int r0 = 0; r0 < b.n;) {
+      int len = 1;
+      while (r0 + len < b.n && len < max_run && b.acc[r0 + len] == b.acc[r0] + static_cast<std::ptrdiff_t>(len) * d)
+        ++len;
+      std::int32_t run_max = b.q_pos[r0];
+      for (int g = 1; g < len; ++g) run_max = std::max(run_max, b.q_pos[r0 + g]);
+      KeyCodec::prepare_queries(kp, d, P, b.q + r0, len, w, bias);
+      for (int t0 = 0; t0 < cnt && pos[t0] <= run_max; t0 += chunk) {
+        const int T = std::min(chunk, cnt - t0);
+        KeyCodec::key_logits(kp, t0, T, d, P, w, bias, len, s);
+        bool any = false;
+        for (int g = 0; g < len; ++g) {
+          const int r = r0 + g;
+          float* sr = s + g * T;
+          // Eight partial maxima and sums, so that the loops vectorise.
+          float mx8[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+          const std::int32_t qp = b.q_pos[r];
+          const std::int32_t* pt = pos + t0;
+          const float* wt = lw + t0;
+          int t = 0;
+          for (; t + 8 <= T; t += 8) {
+            float x[8];
+            for (int j = 0; j < 8; ++j) x[j] = pt[t + j] <= qp ? sr[t + j] * sc + wt[t + j] : ninf;
+            for (int j = 0; j < 8; ++j) {
+              sr[t + j] = x[j];
+              mx8[j] = x[j] > mx8[j] ? x[j] : mx8[j];
+            }
+          }
+          for (; t < T; ++t) {
+            sr[t] = pt[t] <= qp ? sr[t] * sc + wt[t] : ninf;
+            mx8[0] = sr[t] > mx8[0] ? sr[t] : mx8[0];
+          }
+          float mx = ninf;
+          for (float m : mx8) mx = m > mx ? m : mx;
+          if (mx == ninf) {
+            for (int t = 0; t < T; ++t) sr[t] = 0.0f;
+            continue;
+          }
+          any = true;
+          const float m_new = mx > b.m[r] ? mx : b.m[r];
+          const float corr = detail::exp_nonpositive(b.m[r] - m_new);
+          float sum8[8] = {};
+          t = 0;
+          for (; t + 8 <= T; t += 8) {
+            float x[8];
+            for (int j = 0; j < 8; ++j) x[j] = detail::exp_nonpositive(sr[t + j] - m_new);
+            for (int j = 0; j < 8; ++j) {
+              sr[t + j] = x[j];
+              sum8[j] += x[j];
+            }
+          }
+          for (; t < T; ++t) {
+            sr[t] = detail::exp_nonpositive(sr[t] - m_new);
+            sum8[0] += sr[t];
+          }
+          const float sum = ((sum8[0] + sum8[1]) + (sum8[2] + sum8[3])) + ((sum8[4] + sum8[5]) + (sum8[6] + sum8[7]));
+          b.l[r] = b.l[r] * corr + sum;
+          b.m[r] = m_new;
+          if (corr != 1.0f)
+            for (int e = 0; e < d; ++e) b.acc[r][e] *= corr;
+        }
+        if (any) ValueCodec::accumulate_values(vp, t0, T, d, P, s, len, b.acc[r0]);
+      }
+      r0 += len;
     }
+    return true;
+  }
+
+  // Hints the sealed payload of page p (if any) into cache while the current one is read.
+  void prefetch_page(page_id p) const noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+    if (p == no_page || pool_.is_open(p)) return;
+    const char* c = reinterpret_cast<const char*>(pool_.data(p));
+    for (std::size_t off = 0; off < sealed_.bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+#else
+    (void)p;
+#endif
   }
 
   // Runs one page through the tile kernel; false once pages start after every query.
   // `next` is the stream's following page (or no_page), prefetched while p is worked on.
   bool attend_page(detail::row_block& b, page_id p, page_id next) const noexcept {
+    if constexpr (fused_pages)
+      if (!pool_.is_open(p)) return attend_page_fused(b, p, next);
     const int d = shape().head_dim, P = config_.page_tokens;
     const int cnt = page_count_[static_cast<std::size_t>(p)];
     const std::byte* base = pool_.data(p);
@@ -1083,6 +1244,10 @@ class paged_kv_cache {
       page_count_[static_cast<std::size_t>(open)] = c + m;
       if (config_.observe.track_attention)
         for (int w = 0; w < 3; ++w) std::fill_n(attention_of(s, si, w) + st.n_tokens, m, 0.0f);
+      if (config_.observe.key_norms) {
+        float* kn = key_norms_of(s, si) + st.n_tokens;
+        for (int r = 0; r < m; ++r) kn[r] = std::sqrt(detail::dot(k.row(i + r, head), k.row(i + r, head), d));
+      }
       i += m;
       st.n_tokens += m;
       st.appended += m;
@@ -1151,8 +1316,9 @@ class paged_kv_cache {
   }
 
   // Applies one stream's plan; returns the number of pages returned to the pool.
+  // rebuild: 2 * page_tokens * head_dim floats when a codec re-encodes its pages (keys, values).
   std::int64_t apply_stream(detail::sequence& s, int si, const detail::stream_plan& pl, const std::uint8_t* keep,
-                            page_id* src) noexcept {
+                            page_id* src, float* rebuild) noexcept {
     const int P = config_.page_tokens;
     detail::stream_state& st = s.streams[static_cast<std::size_t>(si)];
     page_id* t = s.table(si);
@@ -1180,12 +1346,19 @@ class paged_kv_cache {
         const int room = P - static_cast<int>(dst % P);
         int len = 1;
         while (r + len < cnt && len < room && keep[g + r + len] != 0) ++len;
+        if constexpr (reencode_keys || reencode_values) gather_rows(src[j], r, static_cast<int>(dst % P), len, rebuild);
         copy_page_rows(src[j], r, t[dst / P], static_cast<int>(dst % P), len);
         dst += len;
         r += len;
+        // A destination page is complete once every row bound for it is gathered: its
+        // source rows all lie at or after it, and were read before it is written.
+        if constexpr (reencode_keys || reencode_values)
+          if (dst % P == 0) reencode(t[dst / P - 1], P, rebuild);
       }
       g += cnt;
     }
+    if constexpr (reencode_keys || reencode_values)
+      if (dst % P != 0) reencode(t[dst / P], static_cast<int>(dst % P), rebuild);
     for (std::int32_t j = pl.unchanged; j < pl.sealed_new; ++j)
       page_count_[static_cast<std::size_t>(t[j])] =
           j + 1 < pl.sealed_new ? P : static_cast<int>(pl.kept_sealed - static_cast<std::int64_t>(j) * P);
@@ -1219,9 +1392,37 @@ class paged_kv_cache {
           if (keep[i] != 0) a[out++] = a[i];
       }
     }
+    if (config_.observe.key_norms) {
+      float* a = key_norms_of(s, si);
+      std::int32_t out = 0;
+      for (std::int32_t i = 0; i < st.n_tokens; ++i)
+        if (keep[i] != 0) a[out++] = a[i];
+    }
     st.n_pages = n_pages;
     st.n_tokens = pl.kept_sealed + (pl.open != no_page ? pl.kept_open : 0);
     return freed;
+  }
+
+  // Decodes the rows of a sealed page that codecs re-encode into rebuild (keys, then values,
+  // each [page_tokens][head_dim]) at row `at`.
+  void gather_rows(page_id src, int first, int at, int n, float* rebuild) const noexcept {
+    const int d = shape().head_dim, P = config_.page_tokens;
+    const std::byte* base = pool_.data(src);
+    const std::size_t off = static_cast<std::size_t>(at) * static_cast<std::size_t>(d);
+    if constexpr (reencode_keys) KeyCodec::decode(base + sealed_.keys, first, n, d, P, rebuild + off);
+    if constexpr (reencode_values)
+      ValueCodec::decode(base + sealed_.values, first, n, d, P,
+                         rebuild + static_cast<std::size_t>(P) * static_cast<std::size_t>(d) + off);
+  }
+
+  // Encodes the first n gathered rows into sealed page p (its other payload is in place).
+  void reencode(page_id p, int n, const float* rebuild) noexcept {
+    const int d = shape().head_dim, P = config_.page_tokens;
+    std::byte* base = pool_.data(p);
+    if constexpr (reencode_keys) KeyCodec::encode(rebuild, n, d, P, base + sealed_.keys);
+    if constexpr (reencode_values)
+      ValueCodec::encode(rebuild + static_cast<std::size_t>(P) * static_cast<std::size_t>(d), n, d, P,
+                         base + sealed_.values);
   }
 
   void compact_open(page_id src, page_id dst, const std::uint8_t* keep) noexcept {

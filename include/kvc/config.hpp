@@ -51,6 +51,12 @@ struct observation_config {
   // group (H2O). Costs a second pass over the keys in attend and 12 bytes per token of
   // max_context per stream.
   bool track_attention = false;
+  // Per retained token: the L2 norm of its key as appended (full precision, before the
+  // page codec rounds it), kept in step with eviction, so that scorers that rank by key
+  // norm (K-norm) need not load the keys at compress time. Costs one pass over each
+  // appended key and 4 bytes per token of max_context per stream. When off, compress()
+  // computes the norms from the stored keys for scorers that ask (stream_fields::key_norms).
+  bool key_norms = false;
 };
 
 struct cache_config {
@@ -79,10 +85,12 @@ inline std::size_t default_workspace_bytes(const cache_config& c) noexcept {
   const std::size_t w = static_cast<std::size_t>(c.observe.query_window);
   const std::size_t per_stream = ctx * (sizeof(float) + sizeof(std::uint8_t) + 3 * sizeof(std::int32_t)) + 1024;
   // One stream loaded: keys, values, positions, log-weights, three attention statistics,
-  // and the observed queries of a whole layer.
-  const std::size_t one_stream = ctx * (2 * d + 5) * sizeof(float) + d * d * sizeof(double) +
+  // key norms, and the observed queries of a whole layer.
+  const std::size_t one_stream = ctx * (2 * d + 6) * sizeof(float) + d * d * sizeof(double) +
                                  w * (static_cast<std::size_t>(c.shape.num_q_heads) * d + 1) * sizeof(float);
-  return streams * per_stream + one_stream + (std::size_t{1} << 20);
+  // Re-encoding one page's keys and values during compaction (quantized codecs).
+  const std::size_t rebuild = 2 * static_cast<std::size_t>(c.page_tokens) * d * sizeof(float);
+  return streams * per_stream + one_stream + rebuild + (std::size_t{1} << 20);
 }
 
 inline status validate(const cache_config& c) noexcept {

@@ -22,8 +22,9 @@ enum class stream_fields : unsigned {
   keys = 1,
   values = 2,
   keys_and_values = 3,
-  queries = 4,    // needs cache_config::observe.query_window > 0
-  attention = 8,  // needs cache_config::observe.track_attention
+  queries = 4,     // needs cache_config::observe.query_window > 0
+  attention = 8,   // needs cache_config::observe.track_attention
+  key_norms = 16,  // kept by the cache with cache_config::observe.key_norms, else computed from the stored keys
 };
 
 constexpr stream_fields operator|(stream_fields a, stream_fields b) noexcept {
@@ -61,6 +62,11 @@ struct stream_data {
   const float* attention_sum = nullptr;    // [n_tokens] attention summed over every query that attended it
   const float* attention_count = nullptr;  // [n_tokens] how many queries could see it (position <= theirs)
   const float* last_attention = nullptr;   // [n_tokens] the latest attend() call's last query's attention
+
+  // ||k_i||_2 per retained token. With cache_config::observe.key_norms the cache keeps them
+  // since append (of the key as appended) and sets this for every policy; otherwise it is
+  // set only for stream_fields::key_norms, computed at load from the stored (decoded) keys.
+  const float* key_norms = nullptr;  // [n_tokens]
 
   const rope_spec* rope = nullptr;  // the model's RoPE, from cache_config
 

@@ -23,6 +23,19 @@
 //   elements                      a detail::element_type other than none when the sealed
 //        payload is plain [page_tokens][head_dim] elements of that type: attend() then
 //        reads the rows in place (converting in registers) instead of calling rows_f32
+//   fused = true, with                attend() computes from the page's codes directly:
+//        prepare_queries(page, head_dim, page_tokens, q, nq, w, bias)   once per page for nq <= 8
+//                                       query rows q[g] (w [nq][head_dim], bias [nq][bias_floats(head_dim)])
+//        key_logits(page, first, T, head_dim, page_tokens, w, bias, nq, out)
+//                                       out[g * T + t] = q_g . k~_{first + t}, T <= 64
+//        accumulate_values(page, first, T, head_dim, page_tokens, p, nq, acc)
+//                                       acc[g * head_dim + c] += sum_t p[g * T + t] v~_{first + t, c}, T <= 64
+//   token_granular = false            rows of a sealed page cannot move alone (they share
+//        parameters): compaction decodes the kept rows of each changed page and encodes
+//        them again (copy_rows is then never called)
+//   key, value                        member types: a codec pair (codec::kivi) whose `key`
+//        type is used when it is paged_kv_cache's key codec and `value` when it is the
+//        value codec
 #pragma once
 
 #include <cstddef>
@@ -113,6 +126,39 @@ template <class T>
 struct token_granular_impl<T, true> : std::bool_constant<T::token_granular> {};
 template <class T>
 inline constexpr bool token_granular_v = token_granular_impl<T>::value;
+}  // namespace detail
+
+namespace detail {
+// The codec used for keys (values) when C is given as the key (value) codec: C::key
+// (C::value) for a codec pair, C itself otherwise.
+template <class C, class = void>
+struct key_role {
+  using type = C;
+};
+template <class C>
+struct key_role<C, std::void_t<typename C::key>> {
+  using type = typename C::key;
+};
+template <class C, class = void>
+struct value_role {
+  using type = C;
+};
+template <class C>
+struct value_role<C, std::void_t<typename C::value>> {
+  using type = typename C::value;
+};
+template <class C>
+using key_role_t = typename key_role<C>::type;
+template <class C>
+using value_role_t = typename value_role<C>::type;
+
+template <class T, class = void>
+struct fused_impl : std::false_type {};
+template <class T>
+struct fused_impl<T, std::void_t<decltype(T::fused)>> : std::bool_constant<T::fused> {};
+// True when attend() reads T's pages through its fused members.
+template <class T>
+inline constexpr bool fused_v = fused_impl<T>::value;
 }  // namespace detail
 
 // True when T satisfies the codec interface above.

@@ -8,7 +8,8 @@
 //
 // F is packed once (pack_rows) into panels of 8 rows, each stored [depth][8], rows past
 // `rows` zero, so that the AVX2 + FMA kernel reads one 8-row column of F per step and
-// multiplies it by one broadcast coordinate of up to 6 tokens: 2 panels x 6 tokens = 12
+// multiplies it by one coordinate of up to 6 tokens, broadcast from each token's row: 2
+// panels x 6 tokens = 12
 // accumulators. Without AVX2 and FMA a plain loop computes the same sums (each y_{r,t} in
 // float, in order of increasing depth).
 //
@@ -90,42 +91,35 @@ inline void pack_rows(const float* f, int rows, int depth, std::size_t row_strid
 
 namespace proj {
 
-// acc[p][t] = bias of panel p0 + p, plus F rows . k_t over the whole depth; kp holds the NT
-// tokens interleaved, [depth][NT], so one pointer walks them all.
+// acc[p][t] = bias of panel p0 + p, plus F rows . k_t over the whole depth, for the NT token
+// rows k_t = k + t * ldk; each step broadcasts one coordinate of every token straight from its row.
 template <int NP, int NT>
-inline void tile(const packed_rows& f, int p0, const float* kp, __m256 (&acc)[NP][NT]) noexcept {
+inline void tile(const packed_rows& f, int p0, const float* k, std::size_t ldk, __m256 (&acc)[NP][NT]) noexcept {
   const std::size_t panel_stride = static_cast<std::size_t>(f.depth) * projection_panel;
   // the columns where rows of panels p0 .. p0 + NP - 1 can be nonzero
   const int e0 = f.shape == row_shape::upper ? std::min(f.depth, p0 * projection_panel) : 0;
   const int e1 = f.shape == row_shape::lower ? std::min(f.depth, (p0 + NP) * projection_panel) : f.depth;
   const float* fp =
       f.data + static_cast<std::size_t>(p0) * panel_stride + static_cast<std::size_t>(e0) * projection_panel;
-  kp += static_cast<std::size_t>(e0) * NT;
+  const float* kt[NT];
+  KVC_PROJECTION_UNROLL
+  for (int t = 0; t < NT; ++t) kt[t] = k + static_cast<std::size_t>(t) * ldk;
   KVC_PROJECTION_UNROLL
   for (int p = 0; p < NP; ++p) {
     const __m256 b = _mm256_loadu_ps(f.bias + (p0 + p) * projection_panel);
     KVC_PROJECTION_UNROLL
     for (int t = 0; t < NT; ++t) acc[p][t] = b;
   }
-  for (int e = e0; e < e1; ++e, kp += NT, fp += projection_panel) {
+  for (int e = e0; e < e1; ++e, fp += projection_panel) {
     __m256 fv[NP];
     KVC_PROJECTION_UNROLL
     for (int p = 0; p < NP; ++p) fv[p] = _mm256_loadu_ps(fp + static_cast<std::size_t>(p) * panel_stride);
     KVC_PROJECTION_UNROLL
     for (int t = 0; t < NT; ++t) {
-      const __m256 kb = _mm256_broadcast_ss(kp + t);
+      const __m256 kb = _mm256_broadcast_ss(kt[t] + e);
       KVC_PROJECTION_UNROLL
       for (int p = 0; p < NP; ++p) acc[p][t] = _mm256_fmadd_ps(fv[p], kb, acc[p][t]);
     }
-  }
-}
-
-// kp [depth][NT] = the NT token rows k + t * ldk, interleaved.
-template <int NT>
-inline void interleave(const float* k, std::size_t ldk, int depth, float* kp) noexcept {
-  for (int t = 0; t < NT; ++t) {
-    const float* kt = k + static_cast<std::size_t>(t) * ldk;
-    for (int e = 0; e < depth; ++e) kp[e * NT + t] = kt[e];
   }
 }
 
@@ -140,8 +134,6 @@ inline float hsum(__m256 v) noexcept {
 template <int NP, int NT>
 inline void sumsq_tokens(const packed_rows* f, int nf, const float* k, std::size_t ldk, float* out,
                          std::size_t out_stride) noexcept {
-  alignas(32) float kp[NT * projection_max_depth];
-  interleave<NT>(k, ldk, f[0].depth, kp);
   for (int i = 0; i < nf; ++i) {
     __m256 total[NT];
     KVC_PROJECTION_UNROLL
@@ -149,7 +141,7 @@ inline void sumsq_tokens(const packed_rows* f, int nf, const float* k, std::size
     int p0 = 0;
     for (; p0 + NP <= f[i].panels; p0 += NP) {
       __m256 acc[NP][NT];
-      tile<NP, NT>(f[i], p0, kp, acc);
+      tile<NP, NT>(f[i], p0, k, ldk, acc);
       KVC_PROJECTION_UNROLL
       for (int p = 0; p < NP; ++p) {
         KVC_PROJECTION_UNROLL
@@ -158,7 +150,7 @@ inline void sumsq_tokens(const packed_rows* f, int nf, const float* k, std::size
     }
     for (; p0 < f[i].panels; ++p0) {
       __m256 acc[1][NT];
-      tile<1, NT>(f[i], p0, kp, acc);
+      tile<1, NT>(f[i], p0, k, ldk, acc);
       KVC_PROJECTION_UNROLL
       for (int t = 0; t < NT; ++t) total[t] = _mm256_fmadd_ps(acc[0][t], acc[0][t], total[t]);
     }
@@ -191,17 +183,15 @@ inline void store_lanes(const packed_rows& f, int p0, const __m256 (&acc)[NP][NT
 template <int NP, int NT>
 inline void store_tokens(const packed_rows& f, const float* k, std::size_t ldk, float* y, std::size_t row_stride,
                          std::size_t token_stride) noexcept {
-  alignas(32) float kp[NT * projection_max_depth];
-  interleave<NT>(k, ldk, f.depth, kp);
   int p0 = 0;
   for (; p0 + NP <= f.panels; p0 += NP) {
     __m256 acc[NP][NT];
-    tile<NP, NT>(f, p0, kp, acc);
+    tile<NP, NT>(f, p0, k, ldk, acc);
     store_lanes<NP, NT>(f, p0, acc, y, row_stride, token_stride);
   }
   for (; p0 < f.panels; ++p0) {
     __m256 acc[1][NT];
-    tile<1, NT>(f, p0, kp, acc);
+    tile<1, NT>(f, p0, k, ldk, acc);
     store_lanes<1, NT>(f, p0, acc, y, row_stride, token_stride);
   }
 }

@@ -10,7 +10,9 @@
 // torch's cosine_similarity gives); if the anchor itself is zero every token scores 0.
 //
 // Two passes over the keys (the anchor needs all of them before any cosine): norms and the
-// anchor, then the cosines, four keys at a time, with prefetch hints 64 keys ahead. The
+// anchor, then the cosines, four keys at a time, with prefetch hints 64 keys ahead. Norms
+// the cache keeps (cache_config::observe.key_norms, of the keys as appended) are used
+// instead of recomputing them. The
 // anchor is summed in float per block of 256 tokens and across blocks in double. Scratch: n
 // floats and 4 * head_dim floats. The keys are read twice, n * head_dim * 8 bytes per call:
 // at long contexts that bounds the speed by the memory bandwidth (one pass cannot do: every
@@ -121,11 +123,16 @@ struct keydiff {
         // Past the block's end the first row repeats, with weight 0.
         const float* k[4] = {key(i), key(i + 1 < b1 ? i + 1 : i), key(i + 2 < b1 ? i + 2 : i),
                              key(i + 3 < b1 ? i + 3 : i)};
-        float sq[4], inv[4];
+        float norm[4], inv[4];
         kvc::detail::prefetch_rows4(s.keys, i + 64, n, d);
-        kvc::detail::dots4(k, k, d, sq);
+        if (s.key_norms != nullptr) {
+          for (int t = 0; t < 4; ++t) norm[t] = i + t < b1 ? s.key_norms[i + t] : 0.0f;
+        } else {
+          kvc::detail::dots4(k, k, d, norm);
+          for (int t = 0; t < 4; ++t) norm[t] = std::sqrt(norm[t]);
+        }
         for (int t = 0; t < 4; ++t) {
-          inv[t] = i + t < b1 && sq[t] > 0.0f ? 1.0f / std::sqrt(sq[t]) : 0.0f;
+          inv[t] = i + t < b1 && norm[t] > 0.0f ? 1.0f / norm[t] : 0.0f;
           if (i + t < b1) inv_norm[i + t] = inv[t];
         }
         kvc::detail::accumulate4(block, k, inv, d);

@@ -1,11 +1,12 @@
 // kvc/score/knorm.hpp: K-norm (Devoto et al., "A Simple and Effective L2 Norm-Based
 // Strategy for KV Cache Compression", EMNLP 2024, Sec. 4): keys with a LOW L2 norm
 // attract high attention, so score_i = -||k_i||_2 and the highest-norm keys go first.
+//
+// It reads only the key norms (stream_fields::key_norms): with
+// cache_config::observe.key_norms the cache keeps them from append on and compress()
+// loads no keys at all; without it compress() computes them from the stored keys.
 #pragma once
 
-#include <cmath>
-
-#include "kvc/detail/attention.hpp"
 #include "kvc/score/scorer.hpp"
 
 KVC_NAMESPACE_BEGIN
@@ -13,14 +14,13 @@ namespace score {
 
 struct knorm {
   static constexpr const char* name = "knorm";
-  static constexpr stream_fields fields = stream_fields::keys;
+  static constexpr stream_fields fields = stream_fields::key_norms;
 
   status score(const stream_data& s, workspace& /*ws*/, float* out) const noexcept {
-    const int n = s.size(), d = s.head_dim();
-    for (int i = 0; i < n; ++i) {
-      const float* k = s.keys + static_cast<std::size_t>(i) * d;
-      out[i] = -std::sqrt(kvc::detail::dot(k, k, d));
-    }
+    const int n = s.size();
+    if (n > 0 && s.key_norms == nullptr)
+      return status::error(status_code::invalid_argument, "knorm: the stream has no key norms loaded");
+    for (int i = 0; i < n; ++i) out[i] = -s.key_norms[i];
     return ok_status();
   }
 };

@@ -132,7 +132,7 @@ class unrotator {
 
   // out [head_dim] = key k at `position` with its RoPE undone.
   void next(std::int32_t position, const float* k, float* out) noexcept {
-    for (int c = 0; c < d_; ++c) out[c] = k[c];
+    for (int c = 2 * pairs_; c < d_; ++c) out[c] = k[c];  // dimensions RoPE leaves alone
     if (pairs_ == 0) return;
     const std::size_t p = static_cast<std::size_t>(pairs_);
     const std::int64_t delta = static_cast<std::int64_t>(position) - pos_;

@@ -1,0 +1,989 @@
+// kvc/codecs/detail/code_kernels.hpp: attention arithmetic read straight from bit-packed
+// low-bit codes; no dequantised copy of a row is ever written.
+//
+// A row holds `d` unsigned B-bit codes, B in {2, 3, 4, 8}, in the packed layout of the
+// quantised codecs: full blocks of 32 codes, block k in 4B bytes from byte 4Bk (B = 8: byte
+// j is code j; B = 4: byte j holds codes j and j + 16 in its low and high nibble; B = 2: byte
+// j holds codes j, j + 8, j + 16, j + 24 from bit 0 up; B = 3: a B = 2 block of the low two
+// bits, then a little-endian 32-bit word whose bit j is bit 2 of code j), then the d % 32
+// remaining codes packed sequentially, code i at bit i B.
+//
+// With asymmetric quantisation x~ = z + s q (KIVI, Liu et al. 2024, Sec. 3):
+//   keys, quantised per channel c:  q . k~_t = sum_c (q_c s_c) q_{t,c} + sum_c q_c z_c,
+//     dot_code_rows computes sum_c w_c q_{t,c}; the caller folds w = q * s and adds the
+//     zero-point term;
+//   values, quantised per token in groups of `group` channels, k = c / group:
+//     sum_t p_t v~_{t,c} = sum_t (p_t s_{t,k}) q_{t,c} + sum_t p_t z_{t,k},
+//     accumulate_code_rows adds both terms into acc.
+// int8 symmetric rows (x~ = s_t q, q signed) have the same two kernels with one scale a row.
+//
+// Each kernel takes nq query rows at once (the query heads of a GQA group): every code is
+// unpacked once, into registers, and used for all of them (four at a time), with eight to
+// twelve independent FMA chains. The AVX2 + FMA kernels turn eight 2- or 4-bit codes into
+// floats with a broadcast load, a mask and a conversion, without moving the codes (see
+// "Vectors of codes" below); the resulting lane order and scale are folded into the query
+// rows (keys) or undone once per chunk of rows (values). Rows ahead are prefetched.
+// Results equal the sums in exact arithmetic up to float rounding of terms of magnitude
+// |w| (code + 2^(B-1)) (keys) and |p| (s (code + 2^(B-1)) + |z|) (values); the portable
+// loops give the same sums in another order. Each call prepares its query rows in O(nq d)
+// steps, so calls should cover many rows (a page, not a token).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kvc/version.hpp"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define KVC_CODE_KERNELS_AVX2 1
+#include <immintrin.h>
+#else
+#define KVC_CODE_KERNELS_AVX2 0
+#endif
+
+// Loops over small arrays of vector registers must be unrolled completely, or they live in
+// memory (GCC at -O2 leaves them rolled).
+#if defined(__clang__)
+#define KVC_CODE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define KVC_CODE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define KVC_CODE_UNROLL
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define KVC_CODE_INLINE inline __attribute__((always_inline))
+#else
+#define KVC_CODE_INLINE inline
+#endif
+
+KVC_NAMESPACE_BEGIN
+namespace detail {
+
+inline constexpr bool code_kernels_simd = KVC_CODE_KERNELS_AVX2 != 0;  // the AVX2 + FMA kernels are in use
+
+namespace code_kernel {
+
+// Bytes of one full block of 32 codes.
+template <int Bits>
+constexpr int block_bytes = 4 * Bits;
+
+template <int Bits, bool Signed>
+constexpr void check_kind() noexcept {
+  static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kvc: codes are 2, 3, 4 or 8 bits");
+  static_assert(!Signed || Bits == 8, "kvc: signed codes are 8 bits");
+}
+
+// The 32 codes of a full block, in channel order.
+template <int Bits, bool Signed>
+inline void unpack_block(const std::uint8_t* blk, float* out) noexcept {
+  if constexpr (Bits == 8) {
+    for (int j = 0; j < 32; ++j)
+      out[j] = Signed ? static_cast<float>(static_cast<std::int8_t>(blk[j])) : static_cast<float>(blk[j]);
+  } else if constexpr (Bits == 4) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(blk[j] & 15u);
+      out[j + 16] = static_cast<float>(blk[j] >> 4);
+    }
+  } else {
+    std::uint32_t third = 0;
+    if constexpr (Bits == 3) {
+      third = static_cast<std::uint32_t>(blk[8]) | static_cast<std::uint32_t>(blk[9]) << 8 |
+              static_cast<std::uint32_t>(blk[10]) << 16 | static_cast<std::uint32_t>(blk[11]) << 24;
+    }
+    for (int j = 0; j < 8; ++j)
+      for (int s = 0; s < 4; ++s) {
+        const int c = j + 8 * s;
+        const unsigned hi = Bits == 3 ? ((third >> c) & 1u) << 2 : 0u;
+        out[c] = static_cast<float>(((blk[j] >> (2 * s)) & 3u) | hi);
+      }
+  }
+}
+
+// Code i of a row's tail (the codes after its full blocks), packed sequentially.
+template <int Bits, bool Signed>
+inline int tail_code(const std::uint8_t* tail, int i) noexcept {
+  if constexpr (Bits == 8) {
+    return Signed ? static_cast<int>(static_cast<std::int8_t>(tail[i])) : static_cast<int>(tail[i]);
+  } else {
+    const int bit = i * Bits;
+    unsigned v = static_cast<unsigned>(tail[bit >> 3]) >> (bit & 7);
+    if ((bit & 7) + Bits > 8) v |= static_cast<unsigned>(tail[(bit >> 3) + 1]) << (8 - (bit & 7));  // B = 3 only
+    return static_cast<int>(v & ((1u << Bits) - 1u));
+  }
+}
+
+// Codes of channels [c0, min(c0 + 32, d)) of a row, c0 a multiple of 32; returns the count.
+template <int Bits, bool Signed>
+inline int chunk_codes(const std::uint8_t* row, int d, int c0, float* out) noexcept {
+  const std::uint8_t* at = row + static_cast<std::size_t>(c0 / 32) * block_bytes<Bits>;
+  if (c0 + 32 <= d) {
+    unpack_block<Bits, Signed>(at, out);
+    return 32;
+  }
+  const int m = d - c0;
+  for (int i = 0; i < m; ++i) out[i] = static_cast<float>(tail_code<Bits, Signed>(at, i));
+  return m;
+}
+
+// Portable kernels: a block of 32 codes is unpacked into a small local array and used for
+// four query rows at a time; sums run over eight lanes, in loops of fixed length that
+// compilers vectorise. The tail goes code by code.
+template <int Bits, bool Signed>
+inline void dot_rows_portable(const float* w, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                              float* out) noexcept {
+  check_kind<Bits, Signed>();
+  const int full = d & ~31;
+  float codes[32];
+  for (int t = 0; t < n; ++t) {
+    const std::uint8_t* row = rows + static_cast<std::size_t>(t) * stride;
+    for (int q0 = 0; q0 < nq; q0 += 4) {
+      const int nqb = nq - q0 < 4 ? nq - q0 : 4;
+      float acc[4][8] = {};
+      for (int c0 = 0; c0 < full; c0 += 32) {
+        unpack_block<Bits, Signed>(row + static_cast<std::size_t>(c0 / 32) * block_bytes<Bits>, codes);
+        for (int q = 0; q < nqb; ++q) {
+          const float* wq = w + static_cast<std::size_t>(q0 + q) * d + c0;
+          for (int j = 0; j < 32; j += 8)
+            for (int l = 0; l < 8; ++l) acc[q][l] += wq[j + l] * codes[j + l];
+        }
+      }
+      const std::uint8_t* tail = row + static_cast<std::size_t>(full / 32) * block_bytes<Bits>;
+      for (int q = 0; q < nqb; ++q) {
+        const float* a = acc[q];
+        const float* wq = w + static_cast<std::size_t>(q0 + q) * d + full;
+        float x = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+        for (int c = 0; c < d - full; ++c) x += wq[c] * static_cast<float>(tail_code<Bits, Signed>(tail, c));
+        out[static_cast<std::size_t>(q0 + q) * n + t] = x;
+      }
+    }
+  }
+}
+
+template <int Bits, bool Signed>
+inline void accumulate_rows_portable(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                                     int group, const float* scale, const float* zero, float* acc) noexcept {
+  check_kind<Bits, Signed>();
+  if (d <= 0) return;
+  const int ng = (d + group - 1) / group;
+  // Eight channels at a time where each run of eight lies in one group.
+  const int full = group % 8 == 0 ? d & ~31 : 0;
+  float codes[32];
+  for (int t = 0; t < n; ++t) {
+    const std::uint8_t* row = rows + static_cast<std::size_t>(t) * stride;
+    const float* st = scale + static_cast<std::size_t>(t) * ng;
+    const float* zt = zero != nullptr ? zero + static_cast<std::size_t>(t) * ng : nullptr;
+    for (int c0 = 0; c0 < full; c0 += 32) {
+      unpack_block<Bits, Signed>(row + static_cast<std::size_t>(c0 / 32) * block_bytes<Bits>, codes);
+      for (int j = 0; j < 32; j += 8) {
+        const int k = (c0 + j) / group;
+        const float s = st[k], z = zt != nullptr ? zt[k] : 0.0f;
+        for (int q = 0; q < nq; ++q) {
+          const float pq = p[static_cast<std::size_t>(q) * n + t];
+          const float a = pq * s, b = pq * z;
+          float* out = acc + static_cast<std::size_t>(q) * d + c0 + j;
+          for (int l = 0; l < 8; ++l) out[l] += a * codes[j + l] + b;
+        }
+      }
+    }
+    for (int c0 = full; c0 < d; c0 += 32) {
+      const int len = chunk_codes<Bits, Signed>(row, d, c0, codes);
+      for (int j = 0; j < len; ++j) {
+        const int k = (c0 + j) / group;
+        const float s = st[k], z = zt != nullptr ? zt[k] : 0.0f;
+        for (int q = 0; q < nq; ++q) {
+          const float pq = p[static_cast<std::size_t>(q) * n + t];
+          acc[static_cast<std::size_t>(q) * d + c0 + j] += pq * s * codes[j] + pq * z;
+        }
+      }
+    }
+  }
+}
+
+#if KVC_CODE_KERNELS_AVX2
+namespace avx2 {
+
+// Keeps a loaded value in a register, so that the compiler does not fold the load into
+// every FMA that uses it (the loops would run out of load ports first).
+inline __m256 in_reg(__m256 x) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+x"(x));
+#endif
+  return x;
+}
+
+// Hides p's value from the optimiser, so that equal loads through it are not merged.
+inline void opaque(const std::uint8_t*& p) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__ volatile("" : "+r"(p));
+#else
+  static_cast<void>(p);
+#endif
+}
+
+// Eight bytes from p, zero- or sign-extended to 32-bit lanes.
+template <bool Signed>
+inline __m256i widen8(const std::uint8_t* p) noexcept {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+}
+
+// {sum v0, ..., sum v7}.
+inline __m256 lane_sums8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6,
+                         __m256 v7) noexcept {
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+inline float lane_sum(__m256 v) noexcept {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Asks for the cache lines of [p, p + bytes) ahead of use. Hardware prefetchers stop at
+// 4 KiB pages and a plain software prefetch that misses the TLB may be dropped (Zen 3 drops
+// them), so a line that starts a page gets a prefetch for writing (PREFETCHW where the target
+// has it), which walks the page table; the others a plain one. Prefetches never fault.
+inline void prefetch_bytes(const void* p, std::size_t bytes) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t end = a + bytes;
+  for (std::uintptr_t line = a & ~std::uintptr_t{63}; line < end; line += 64) {
+    const void* at = reinterpret_cast<const void*>(line);
+    if ((line & 4095) == 0)
+      __builtin_prefetch(at, 1, 3);
+    else
+      __builtin_prefetch(at, 0, 3);
+  }
+#else
+  static_cast<void>(p);
+  static_cast<void>(bytes);
+#endif
+}
+
+// ---- Vectors of codes. A full block is read as four vectors of eight codes, vector J holding
+// channels 8J .. 8J + 7 of the block. For B = 2 and 4 the codes are not moved: an 8-byte load
+// broadcast to every 64-bit lane gives lane 2m + e the 32-bit word of bytes 4e .. 4e + 3 (of
+// the block's first or second half for B = 4), and a mask per lane keeps the B-bit field of
+// byte 4e + m that belongs to vector J, in place at bit f = 8m + (its offset in the byte): the
+// lane converts exactly to code 2^f. A field that ends at bit 31 would convert as negative;
+// its top bit is flipped instead, which gives (code - 2^(B-1)) 2^f exactly. No shifts or
+// shuffles are needed (on current cores they compete with the FMAs for ports, and cost more
+// than the masks); the lane order, scales and biases are undone outside the loops over rows.
+// B = 3 and 8 are widened in channel order with a zero- (sign-) extending load.
+template <int Bits>
+constexpr bool masked_layout = Bits == 2 || Bits == 4;
+
+// Bit position of lane l's field in vector J (B = 2, 4).
+constexpr int lane_field(int bits, int j, int l) noexcept {
+  return 8 * (l >> 1) + (bits == 4 ? (j >= 2 ? 4 : 0) : 2 * j);
+}
+// Channel (within the block) of lane l of vector J.
+constexpr int lane_channel(int bits, int j, int l) noexcept {
+  return bits == 2 || bits == 4 ? 8 * j + 4 * (l & 1) + (l >> 1) : 8 * j + l;
+}
+constexpr bool lane_flipped(int bits, int j, int l) noexcept {
+  return (bits == 2 || bits == 4) && lane_field(bits, j, l) + bits == 32;
+}
+template <int Bits, int J>
+constexpr bool has_flip = lane_flipped(Bits, J, 6) || lane_flipped(Bits, J, 7);
+
+template <int Bits, int J>
+inline __m256i lane_masks() noexcept {
+  const auto m = [](int l) {
+    return static_cast<int>(static_cast<std::uint32_t>((1u << Bits) - 1u) << lane_field(Bits, J, l));
+  };
+  return _mm256_setr_epi32(m(0), m(1), m(2), m(3), m(4), m(5), m(6), m(7));
+}
+template <int Bits, int J>
+inline __m256i lane_flips() noexcept {
+  const auto f = [](int l) { return lane_flipped(Bits, J, l) ? static_cast<int>(0x80000000u) : 0; };
+  return _mm256_setr_epi32(f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7));
+}
+// 2^-field, per lane.
+template <int Bits, int J>
+inline __m256 lane_scales() noexcept {
+  const auto s = [](int l) { return (127 - lane_field(Bits, J, l)) << 23; };
+  return _mm256_castsi256_ps(_mm256_setr_epi32(s(0), s(1), s(2), s(3), s(4), s(5), s(6), s(7)));
+}
+// 2^(B-1) on flipped lanes.
+template <int Bits, int J>
+inline __m256 lane_biases() noexcept {
+  const auto b = [](int l) { return lane_flipped(Bits, J, l) ? static_cast<float>(1 << (Bits - 1)) : 0.0f; };
+  return _mm256_setr_ps(b(0), b(1), b(2), b(3), b(4), b(5), b(6), b(7));
+}
+// Index vectors between lane order and channel order (the same for every vector J).
+inline __m256i lanes_from_channels() noexcept { return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); }
+inline __m256i channels_from_lanes() noexcept { return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); }
+
+// Vector J of a full block: (code - bias) 2^field per lane for B = 2, 4; codes in channel
+// order for B = 3, 8.
+// Fresh: load the block's bytes again rather than reuse an equal earlier load (where keeping
+// that one live across the FMAs would spill registers; a broadcast load takes no ALU port).
+template <int Bits, bool Signed, int J, bool Fresh = false>
+inline __m256 unpack_vec(const std::uint8_t* blk) noexcept {
+  static_assert(J >= 0 && J < 4, "kvc: a block has four vectors of codes");
+  if constexpr (masked_layout<Bits>) {
+    const std::uint8_t* at = blk + (Bits == 4 ? 8 * (J & 1) : 0);
+    if constexpr (Fresh) opaque(at);
+    const __m256i src = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+    __m256i v = _mm256_and_si256(src, lane_masks<Bits, J>());
+    if constexpr (has_flip<Bits, J>) v = _mm256_xor_si256(v, lane_flips<Bits, J>());
+    return _mm256_cvtepi32_ps(v);
+  } else if constexpr (Bits == 8) {
+    return _mm256_cvtepi32_ps(widen8<Signed>(blk + 8 * J));
+  } else {  // B = 3: the B = 2 fields of the low bits, then bit 8J + i of the third-bit word
+    const __m256i x = widen8<false>(blk);
+    __m256i c = J == 0 ? x : _mm256_srli_epi32(x, 2 * J);
+    if constexpr (J < 3) c = _mm256_and_si256(c, _mm256_set1_epi32(3));
+    std::uint32_t word;
+    std::memcpy(&word, blk + 8, sizeof word);
+    // Bit 8J + i of the word moved to bit i + 2: shifting lane i right by i leaves it at bit 2.
+    const std::uint32_t h = J == 0 ? word << 2 : word >> (8 * J - 2);
+    const __m256i hi =
+        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(h)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_cvtepi32_ps(_mm256_or_si256(c, _mm256_and_si256(hi, _mm256_set1_epi32(4))));
+  }
+}
+
+// Codes 8i .. 8i + 7 of a row's tail, in channel order: they fill exactly Bits bytes from byte i Bits.
+template <int Bits, bool Signed>
+inline __m256 unpack_tail8(const std::uint8_t* tail, int i) noexcept {
+  const std::uint8_t* at = tail + static_cast<std::size_t>(i) * Bits;
+  if constexpr (Bits == 8) {
+    return _mm256_cvtepi32_ps(widen8<Signed>(at));
+  } else {
+    std::uint32_t u = 0;
+    std::memcpy(&u, at, Bits);  // little-endian, as on every AVX2 target
+    const __m256i sh = _mm256_setr_epi32(0, Bits, 2 * Bits, 3 * Bits, 4 * Bits, 5 * Bits, 6 * Bits, 7 * Bits);
+    const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u)), sh);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << Bits) - 1)));
+  }
+}
+
+// ---- Keys. Query rows are prepared per window of full blocks in the lane order and scale of
+// the code vectors (w' = w 2^-field), with the bias terms sum w 2^(B-1) over flipped lanes;
+// then out[q][t] = sum w' code' + bias, plus the tail against w itself.
+inline constexpr int kchunk = 96;  // rows per pass over the query rows (a multiple of every tile height)
+inline constexpr int kwindow = 8;  // full blocks per window
+inline constexpr int kwin = 32 * kwindow;
+
+template <int Bits>
+inline void prepare_keys(const float* w, std::size_t ds, int Q, int b0, int b1, float* wp, float* bias) noexcept {
+  const int len = 32 * (b1 - b0);
+  for (int q = 0; q < Q; ++q) {
+    __m256 bsum = _mm256_setzero_ps();
+    for (int b = b0; b < b1; ++b) {
+      const float* src = w + q * ds + 32 * b;
+      float* dst = wp + q * len + 32 * (b - b0);
+      const auto vec = [&](auto j) noexcept {
+        constexpr int J = decltype(j)::value;
+        const __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + 8 * J), lanes_from_channels());
+        _mm256_store_ps(dst + 8 * J, _mm256_mul_ps(x, lane_scales<Bits, J>()));
+        if constexpr (has_flip<Bits, J>) bsum = _mm256_fmadd_ps(x, lane_biases<Bits, J>(), bsum);
+      };
+      vec(std::integral_constant<int, 0>{});
+      vec(std::integral_constant<int, 1>{});
+      vec(std::integral_constant<int, 2>{});
+      vec(std::integral_constant<int, 3>{});
+    }
+    bias[q] = lane_sum(bsum);
+  }
+}
+
+// Accumulators of Q query rows against R code rows: Q R independent FMA chains, each w
+// vector loaded once for the R rows and each code vector unpacked once for the Q query rows.
+template <int Q, int R>
+struct key_tile {
+  static_assert(Q * R <= 12, "kvc: at most twelve accumulators");
+  __m256 acc[Q * R];
+
+  // acc[q][r] += w[q][0..8) code(r), code(r) giving eight codes of row r in w's lane order.
+  template <class Code>
+  void step(Code code, const float* w, std::size_t ws) noexcept {
+    if constexpr (R <= Q) {  // R code registers and one w register live
+      __m256 c[R];
+      KVC_CODE_UNROLL
+      for (int r = 0; r < R; ++r) c[r] = code(r);
+      KVC_CODE_UNROLL
+      for (int q = 0; q < Q; ++q) {
+        const __m256 x = in_reg(_mm256_loadu_ps(w + q * ws));
+        KVC_CODE_UNROLL
+        for (int r = 0; r < R; ++r) acc[q * R + r] = _mm256_fmadd_ps(x, c[r], acc[q * R + r]);
+      }
+    } else {  // Q w registers and one code register live
+      __m256 x[Q];
+      KVC_CODE_UNROLL
+      for (int q = 0; q < Q; ++q) x[q] = in_reg(_mm256_loadu_ps(w + q * ws));
+      KVC_CODE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const __m256 c = code(r);
+        KVC_CODE_UNROLL
+        for (int q = 0; q < Q; ++q) acc[q * R + r] = _mm256_fmadd_ps(x[q], c, acc[q * R + r]);
+      }
+    }
+  }
+
+  // The Q R sums, [q][r], into s[0, 16).
+  void sums(float* s) noexcept {
+    constexpr int N = Q * R;
+    const __m256 z = _mm256_setzero_ps();
+    const auto at = [&](int i) noexcept { return i < N ? acc[i] : z; };
+    _mm256_storeu_ps(s, lane_sums8(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7)));
+    if constexpr (N > 8) _mm256_storeu_ps(s + 8, lane_sums8(at(8), at(9), at(10), at(11), z, z, z, z));
+  }
+};
+
+// Where a key pass reads: full blocks [b0, b1) against wp ([q][32 (b1 - b0)], prepared) or,
+// for B = 3 and 8, against w itself; then, on the last window, the tail against w.
+struct key_pass {
+  const float* wp;    // prepared query rows, or w + 32 b0 for the channel-order layouts
+  std::size_t wps;    // floats from one query row of wp to the next
+  const float* bias;  // [Q], added to every sum
+  int b0, b1;         // full blocks of this window
+  const float* w;     // the query rows, for the tail
+  std::size_t ds;     // d
+  int tail;           // codes of the tail to add here (0 but on the last window)
+  bool first;         // out is written, not added to
+  std::size_t ahead;  // bytes from a row to the rows fetched meanwhile; 0: none
+  std::size_t end;    // bytes of the rows
+};
+
+template <int Bits, bool Signed, int Q, int R>
+KVC_CODE_INLINE void dot_tile(const key_pass& k, const std::uint8_t* row, std::size_t stride, float* out,
+                              std::size_t out_stride) noexcept {
+  constexpr int bb = block_bytes<Bits>;
+  key_tile<Q, R> kt;
+  KVC_CODE_UNROLL
+  for (int i = 0; i < Q * R; ++i) kt.acc[i] = _mm256_setzero_ps();
+  for (int b = k.b0; b < k.b1; ++b) {
+    const std::uint8_t* blk = row + static_cast<std::size_t>(b) * bb;
+    const float* wb = k.wp + 32 * (b - k.b0);
+    const auto vec = [&](auto j) noexcept {
+      constexpr int J = decltype(j)::value;
+      kt.step([&](int r) noexcept { return unpack_vec<Bits, Signed, J, true>(blk + r * stride); }, wb + 8 * J, k.wps);
+    };
+    vec(std::integral_constant<int, 0>{});
+    vec(std::integral_constant<int, 1>{});
+    vec(std::integral_constant<int, 2>{});
+    vec(std::integral_constant<int, 3>{});
+  }
+  // The tail: vectors of eight codes, then single codes.
+  const std::uint8_t* tail = row + static_cast<std::size_t>(k.b1) * bb;
+  const float* wt = k.w + 32 * k.b1;
+  const int m8 = k.tail >> 3;
+  for (int i = 0; i < m8; ++i)
+    kt.step([&](int r) noexcept { return unpack_tail8<Bits, Signed>(tail + r * stride, i); }, wt + 8 * i, k.ds);
+  alignas(32) float s[16];
+  kt.sums(s);
+  if ((k.tail & 7) != 0)
+    for (int c = 8 * m8; c < k.tail; ++c)
+      for (int r = 0; r < R; ++r) {
+        const float code = static_cast<float>(tail_code<Bits, Signed>(tail + r * stride, c));
+        for (int q = 0; q < Q; ++q) s[q * R + r] += wt[q * k.ds + c] * code;
+      }
+  KVC_CODE_UNROLL
+  for (int q = 0; q < Q; ++q) {
+    KVC_CODE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      float& o = out[q * out_stride + r];
+      o = (k.first ? 0.0f : o) + (s[q * R + r] + k.bias[q]);
+    }
+  }
+}
+
+// Rows [t0, t0 + T) against Q query rows.
+template <int Bits, bool Signed, int Q, int R>
+inline void dot_rows(const key_pass& k, const std::uint8_t* rows, std::size_t stride, int t0, int T, std::size_t n,
+                     float* out) noexcept {
+  int t = t0;
+  for (; t + R <= t0 + T; t += R) {
+    if (k.ahead != 0) {
+      const std::size_t from = static_cast<std::size_t>(t) * stride + k.ahead;
+      if (from < k.end) prefetch_bytes(rows + from, std::min(R * stride, k.end - from));
+    }
+    dot_tile<Bits, Signed, Q, R>(k, rows + static_cast<std::size_t>(t) * stride, stride, out + t, n);
+  }
+  for (; t < t0 + T; ++t)
+    dot_tile<Bits, Signed, Q, 1>(k, rows + static_cast<std::size_t>(t) * stride, stride, out + t, n);
+}
+
+template <int Bits, bool Signed>
+inline void dot_rows_simd(const float* w, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                          float* out) noexcept {
+  const std::size_t ds = static_cast<std::size_t>(d), ns = static_cast<std::size_t>(n);
+  const int nb = d >> 5;
+  const int windows = nb == 0 ? 1 : (nb + kwindow - 1) / kwindow;
+  alignas(32) float wp[4 * kwin];
+  float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int t0 = 0; t0 < n; t0 += kchunk) {
+    const int T = n - t0 < kchunk ? n - t0 : kchunk;
+    for (int q0 = 0; q0 < nq; q0 += 4) {
+      const int Q = nq - q0 < 4 ? nq - q0 : 4;
+      const float* wq = w + q0 * ds;
+      for (int win = 0; win < windows; ++win) {
+        key_pass k;
+        k.b0 = win * kwindow;
+        k.b1 = k.b0 + kwindow < nb ? k.b0 + kwindow : nb;
+        k.w = wq;
+        k.ds = ds;
+        k.tail = win == windows - 1 ? d - 32 * nb : 0;
+        k.first = win == 0;
+        k.ahead = q0 == 0 && win == 0 ? kchunk * stride : 0;  // the next chunk, on the first pass over this one
+        k.end = ns * stride;
+        if constexpr (masked_layout<Bits>) {
+          prepare_keys<Bits>(wq, ds, Q, k.b0, k.b1, wp, bias);
+          k.wp = wp;
+          k.wps = static_cast<std::size_t>(32 * (k.b1 - k.b0));
+          k.bias = bias;
+        } else {
+          k.wp = wq + 32 * k.b0;
+          k.wps = ds;
+          k.bias = bias;
+        }
+        float* o = out + q0 * ns;
+        switch (Q) {
+          case 4:
+            dot_rows<Bits, Signed, 4, 2>(k, rows, stride, t0, T, ns, o);
+            break;
+          case 3:
+            dot_rows<Bits, Signed, 3, 3>(k, rows, stride, t0, T, ns, o);
+            break;
+          case 2:
+            dot_rows<Bits, Signed, 2, 4>(k, rows, stride, t0, T, ns, o);
+            break;
+          default:
+            dot_rows<Bits, Signed, 1, 8>(k, rows, stride, t0, T, ns, o);
+            break;
+        }
+      }
+    }
+  }
+}
+
+// ---- Values. Rows go in chunks of vchunk, channels in windows of at most vgroups groups.
+// For a chunk and a window the factors a = p s (per row, group and query row), their sums
+// over the rows and the zero-point sums sum_t p z (per group and query row) are computed
+// first, four query rows to a vector; the main loop is then acc += a code, one FMA per code
+// and query row, and each pass ends by undoing the lane order, scale and bias of its vectors.
+inline constexpr int vchunk = 32;
+inline constexpr int vgroups = 8;
+
+struct value_factors {
+  alignas(32) float a[vchunk][vgroups][4];  // [row in chunk][group in window][query row]
+  alignas(32) float zs[vgroups][4];         // [group in window][query row]: sum_t p z
+  alignas(32) float as[vgroups][4];         // [group in window][query row]: sum_t a
+};
+
+// Factors of rows [t0, t0 + T) (T <= vchunk), groups [k_lo, k_lo + nk) (nk <= 2 P) and
+// query rows [0, Q) of p (rows of n weights); query rows Q.. of the factors are zero.
+template <int Q, int P>
+inline void value_factors_for(value_factors& f, const float* p, std::size_t n, int t0, int T, int ng, int k_lo, int nk,
+                              const float* scale, const float* zero, bool sums) noexcept {
+  // p of the chunk, transposed to [row][query row].
+  alignas(32) float pt[vchunk][4];
+  const __m256 zero8 = _mm256_setzero_ps();
+  int t = 0;
+  for (; t + 8 <= T; t += 8) {
+    __m256 r[4];
+    KVC_CODE_UNROLL
+    for (int q = 0; q < 4; ++q) r[q] = q < Q ? _mm256_loadu_ps(p + q * n + t0 + t) : zero8;
+    const __m256 a = _mm256_unpacklo_ps(r[0], r[1]), b = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 c = _mm256_unpacklo_ps(r[2], r[3]), e = _mm256_unpackhi_ps(r[2], r[3]);
+    // Rows t, t + 4 | t + 1, t + 5 | t + 2, t + 6 | t + 3, t + 7.
+    const __m256 r04 = _mm256_shuffle_ps(a, c, 0x44), r15 = _mm256_shuffle_ps(a, c, 0xEE);
+    const __m256 r26 = _mm256_shuffle_ps(b, e, 0x44), r37 = _mm256_shuffle_ps(b, e, 0xEE);
+    _mm256_store_ps(pt[t], _mm256_permute2f128_ps(r04, r15, 0x20));
+    _mm256_store_ps(pt[t + 2], _mm256_permute2f128_ps(r26, r37, 0x20));
+    _mm256_store_ps(pt[t + 4], _mm256_permute2f128_ps(r04, r15, 0x31));
+    _mm256_store_ps(pt[t + 6], _mm256_permute2f128_ps(r26, r37, 0x31));
+  }
+  for (; t < T; ++t)
+    for (int q = 0; q < 4; ++q) pt[t][q] = q < Q ? p[q * n + t0 + t] : 0.0f;
+
+  const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(nk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  // Group pair j of the window: lanes {2j x4, 2j + 1 x4} of a row of scales.
+  const auto spread = [](__m256 v, int j) noexcept {
+    return _mm256_permutevar8x32_ps(
+        v, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1));
+  };
+  constexpr int S = P <= 2 ? 2 : 1;  // interleaved sets of sums: at least four chains
+  __m256 za[S][P], aa[S][P];
+  KVC_CODE_UNROLL
+  for (int s = 0; s < S; ++s) {
+    KVC_CODE_UNROLL
+    for (int j = 0; j < P; ++j) za[s][j] = aa[s][j] = zero8;
+  }
+  const std::size_t ngs = static_cast<std::size_t>(ng);
+  const auto row = [&](int r, int s) noexcept {
+    const std::size_t o = static_cast<std::size_t>(t0 + r) * ngs + static_cast<std::size_t>(k_lo);
+    const __m256 pv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(pt[r]));
+    const __m256 sv = _mm256_maskload_ps(scale + o, lanes);
+    KVC_CODE_UNROLL
+    for (int j = 0; j < P; ++j) {
+      const __m256 a = _mm256_mul_ps(pv, spread(sv, j));
+      _mm256_store_ps(&f.a[r][2 * j][0], a);
+      aa[s][j] = _mm256_add_ps(aa[s][j], a);
+    }
+    if (zero != nullptr) {
+      const __m256 zv = _mm256_maskload_ps(zero + o, lanes);
+      KVC_CODE_UNROLL
+      for (int j = 0; j < P; ++j) za[s][j] = _mm256_fmadd_ps(pv, spread(zv, j), za[s][j]);
+    }
+  };
+  t = 0;
+  for (; t + S <= T; t += S) {
+    KVC_CODE_UNROLL
+    for (int s = 0; s < S; ++s) row(t + s, s);
+  }
+  for (; t < T; ++t) row(t, 0);
+  KVC_CODE_UNROLL
+  for (int j = 0; j < P; ++j) {
+    __m256 z = za[0][j], a = aa[0][j];
+    KVC_CODE_UNROLL
+    for (int s = 1; s < S; ++s) {
+      z = _mm256_add_ps(z, za[s][j]);
+      a = _mm256_add_ps(a, aa[s][j]);
+    }
+    _mm256_store_ps(&f.zs[2 * j][0], z);
+    if (sums) _mm256_store_ps(&f.as[2 * j][0], a);
+  }
+}
+
+// Where a value pass reads and writes, per vector v: a_v, the factors of its group (row t,
+// query row q at a_v[32 t + q]); acc_v, its eight channels in query row 0 of acc (query row
+// q at + q d); zs_v and as_v, its group's zero-point sums and factor sums (null: none).
+template <int NV>
+struct value_pass {
+  const float* a[NV];
+  float* acc[NV];
+  const float* zs[NV];
+  const float* as[NV];
+};
+
+// acc_v[q] += sum_t a_v[t][q] code_v(t) (+ zs_v[q]) for the full-block vectors Js of the rows
+// at blk + t stride, t < T, and Q query rows; U interleaved row accumulators: Q NV U FMA chains.
+template <int Bits, bool Signed, int Q, int U, bool Same, int... Js>
+inline void value_tile(const value_pass<sizeof...(Js)>& vp, const std::uint8_t* blk, std::size_t stride, int T,
+                       std::size_t d) noexcept {
+  constexpr int NV = sizeof...(Js);
+  static_assert(Q * NV * U <= 12, "kvc: at most twelve accumulators");
+  constexpr int ts = vgroups * 4;  // floats from one row's factors to the next
+  __m256 s[U][Q][NV];
+  KVC_CODE_UNROLL
+  for (int u = 0; u < U; ++u) {
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q) {
+      KVC_CODE_UNROLL
+      for (int v = 0; v < NV; ++v) s[u][q][v] = _mm256_setzero_ps();
+    }
+  }
+  const auto row = [&](int t, int u) noexcept {
+    const std::uint8_t* r = blk + static_cast<std::size_t>(t) * stride;
+    const __m256 c[NV] = {unpack_vec<Bits, Signed, Js>(r)...};
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q) {
+      const __m256 a0 = _mm256_broadcast_ss(vp.a[0] + t * ts + q);
+      KVC_CODE_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const __m256 av = Same || v == 0 ? a0 : _mm256_broadcast_ss(vp.a[v] + t * ts + q);
+        s[u][q][v] = _mm256_fmadd_ps(av, c[v], s[u][q][v]);
+      }
+    }
+  };
+  int t = 0;
+  for (; t + U <= T; t += U) {
+    KVC_CODE_UNROLL
+    for (int u = 0; u < U; ++u) row(t + u, u);
+  }
+  for (; t < T; ++t) row(t, 0);
+  // Undo the lane layout: x = sum 2^-field + bias sum_t a, in channel order.
+  const auto finish = [&](auto j, int v) noexcept {
+    constexpr int J = decltype(j)::value;
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q) {
+      __m256 x = s[0][q][v];
+      KVC_CODE_UNROLL
+      for (int u = 1; u < U; ++u) x = _mm256_add_ps(x, s[u][q][v]);
+      if constexpr (masked_layout<Bits>) {
+        x = _mm256_mul_ps(x, lane_scales<Bits, J>());
+        if constexpr (has_flip<Bits, J>) x = _mm256_fmadd_ps(lane_biases<Bits, J>(), _mm256_set1_ps(vp.as[v][q]), x);
+        x = _mm256_permutevar8x32_ps(x, channels_from_lanes());
+      }
+      float* out = vp.acc[v] + q * d;
+      __m256 m = _mm256_loadu_ps(out);
+      if (vp.zs[v] != nullptr) m = _mm256_add_ps(m, _mm256_set1_ps(vp.zs[v][q]));
+      _mm256_storeu_ps(out, _mm256_add_ps(m, x));
+    }
+  };
+  int v = 0;
+  (finish(std::integral_constant<int, Js>{}, v++), ...);
+}
+
+// The same for tail vector i (channel order, no lane layout to undo).
+template <int Bits, bool Signed, int Q>
+inline void value_tail_tile(const value_pass<1>& vp, const std::uint8_t* tail, std::size_t stride, int T, int i,
+                            std::size_t d) noexcept {
+  constexpr int ts = vgroups * 4;
+  __m256 s[2][Q];
+  KVC_CODE_UNROLL
+  for (int q = 0; q < Q; ++q) s[0][q] = s[1][q] = _mm256_setzero_ps();
+  for (int t = 0; t < T; ++t) {
+    const __m256 c = unpack_tail8<Bits, Signed>(tail + static_cast<std::size_t>(t) * stride, i);
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q)
+      s[t & 1][q] = _mm256_fmadd_ps(_mm256_broadcast_ss(vp.a[0] + t * ts + q), c, s[t & 1][q]);
+  }
+  for (int q = 0; q < Q; ++q) {
+    float* out = vp.acc[0] + q * d;
+    __m256 m = _mm256_loadu_ps(out);
+    if (vp.zs[0] != nullptr) m = _mm256_add_ps(m, _mm256_set1_ps(vp.zs[0][q]));
+    _mm256_storeu_ps(out, _mm256_add_ps(m, _mm256_add_ps(s[0][q], s[1][q])));
+  }
+}
+
+// How value passes go for Q query rows: pairs of vectors or whole blocks, and interleaved
+// row accumulators, for eight to twelve FMA chains.
+template <int Q>
+struct value_shape {
+  static constexpr bool whole = Q <= 2;
+  static constexpr int unroll = Q == 4 || Q == 2 ? 1 : 2;
+};
+
+// Channels [c0, c1) of rows [0, T) of a chunk (c0 a multiple of 32, c1 a multiple of 32 or
+// d), whose groups start at group k_lo.
+template <int Bits, bool Signed, int Q>
+inline void value_window(const std::uint8_t* rows, std::size_t stride, int T, int d, int group, int c0, int c1,
+                         const value_factors& f, int k_lo, bool has_zero, float* acc) noexcept {
+  constexpr int bb = block_bytes<Bits>;
+  constexpr int U = value_shape<Q>::unroll;
+  const std::size_t ds = static_cast<std::size_t>(d);
+  // Group (in the window) of channel c, for c not decreasing from call to call: no divisions.
+  int kk = 0, next = (k_lo + 1) * group;
+  const auto group_of = [&](int c) noexcept {
+    while (c >= next) {
+      ++kk;
+      next += group;
+    }
+    return kk;
+  };
+  const auto fill = [&](auto& vp, int v, int c, int g) noexcept {
+    vp.a[v] = &f.a[0][g][0];
+    vp.acc[v] = acc + c;
+    vp.zs[v] = has_zero ? f.zs[g] : nullptr;
+    vp.as[v] = f.as[g];
+  };
+  const int b_end = c1 >> 5;  // full blocks below c1
+  for (int b = c0 >> 5; b < b_end; ++b) {
+    const int cb = 32 * b;
+    const int g[4] = {group_of(cb), group_of(cb + 8), group_of(cb + 16), group_of(cb + 24)};
+    const std::uint8_t* blk = rows + static_cast<std::size_t>(b) * bb;
+    const auto pass = [&](auto... js) noexcept {
+      constexpr int NV = sizeof...(js);
+      value_pass<NV> vp;
+      int v = 0;
+      (fill(vp, v++, cb + 8 * decltype(js)::value, g[decltype(js)::value]), ...);
+      if (g[std::min({decltype(js)::value...})] == g[std::max({decltype(js)::value...})])
+        value_tile<Bits, Signed, Q, U, true, decltype(js)::value...>(vp, blk, stride, T, ds);
+      else
+        value_tile<Bits, Signed, Q, U, false, decltype(js)::value...>(vp, blk, stride, T, ds);
+    };
+    using J0 = std::integral_constant<int, 0>;
+    using J1 = std::integral_constant<int, 1>;
+    using J2 = std::integral_constant<int, 2>;
+    using J3 = std::integral_constant<int, 3>;
+    if constexpr (value_shape<Q>::whole) {
+      pass(J0{}, J1{}, J2{}, J3{});
+    } else if constexpr (Bits == 4) {  // vectors 0 and 2 come from the same bytes, 1 and 3 too
+      pass(J0{}, J2{});
+      pass(J1{}, J3{});
+    } else {
+      pass(J0{}, J1{});
+      pass(J2{}, J3{});
+    }
+  }
+  if (c1 != d || (d & 31) == 0) return;
+  // The tail: vectors of eight codes, then single codes.
+  const int ct = 32 * (d >> 5);
+  const std::uint8_t* tail = rows + static_cast<std::size_t>(d >> 5) * bb;
+  const int m = d - ct, m8 = m >> 3;
+  for (int i = 0; i < m8; ++i) {
+    value_pass<1> vp;
+    fill(vp, 0, ct + 8 * i, group_of(ct + 8 * i));
+    value_tail_tile<Bits, Signed, Q>(vp, tail, stride, T, i, ds);
+  }
+  for (int c = ct + 8 * m8; c < d; ++c) {
+    const int gc = group_of(c);
+    for (int q = 0; q < Q; ++q) {
+      float x = has_zero ? f.zs[gc][q] : 0.0f;
+      for (int t = 0; t < T; ++t)
+        x += f.a[t][gc][q] *
+             static_cast<float>(tail_code<Bits, Signed>(tail + static_cast<std::size_t>(t) * stride, c - ct));
+      acc[q * ds + c] += x;
+    }
+  }
+}
+
+template <int Bits, bool Signed, int Q>
+inline void value_rows(const float* p, std::size_t n, const std::uint8_t* chunk, std::size_t stride, int t0, int T,
+                       int d, int group, const float* scale, const float* zero, float* acc, value_factors& f) noexcept {
+  const int ng = (d + group - 1) / group;
+  for (int k_lo = 0; k_lo < ng; k_lo += vgroups) {
+    const int nk = ng - k_lo < vgroups ? ng - k_lo : vgroups;
+    const int c0 = k_lo * group, c1 = d - c0 <= vgroups * group ? d : c0 + vgroups * group;
+    const bool sums = masked_layout<Bits>;
+    switch ((nk + 1) >> 1) {
+      case 1:
+        value_factors_for<Q, 1>(f, p, n, t0, T, ng, k_lo, nk, scale, zero, sums);
+        break;
+      case 2:
+        value_factors_for<Q, 2>(f, p, n, t0, T, ng, k_lo, nk, scale, zero, sums);
+        break;
+      case 3:
+        value_factors_for<Q, 3>(f, p, n, t0, T, ng, k_lo, nk, scale, zero, sums);
+        break;
+      default:
+        value_factors_for<Q, 4>(f, p, n, t0, T, ng, k_lo, nk, scale, zero, sums);
+        break;
+    }
+    value_window<Bits, Signed, Q>(chunk, stride, T, d, group, c0, c1, f, k_lo, zero != nullptr, acc);
+  }
+}
+
+template <int Bits, bool Signed>
+inline void accumulate_rows_simd(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                                 int group, const float* scale, const float* zero, float* acc) noexcept {
+  const std::size_t ds = static_cast<std::size_t>(d), ns = static_cast<std::size_t>(n);
+  value_factors f;
+  const std::size_t ng = static_cast<std::size_t>((d + group - 1) / group);
+  for (int t0 = 0; t0 < n; t0 += vchunk) {
+    const int T = n - t0 < vchunk ? n - t0 : vchunk;
+    const std::uint8_t* chunk = rows + static_cast<std::size_t>(t0) * stride;
+    if (t0 + vchunk < n) {  // the next chunk: rows and their scales and zero points
+      const int Tn = n - t0 - vchunk < vchunk ? n - t0 - vchunk : vchunk;
+      prefetch_bytes(chunk + vchunk * stride, static_cast<std::size_t>(Tn) * stride);
+      const std::size_t po = static_cast<std::size_t>(t0 + vchunk) * ng;
+      prefetch_bytes(scale + po, sizeof(float) * Tn * ng);
+      if (zero != nullptr) prefetch_bytes(zero + po, sizeof(float) * Tn * ng);
+    }
+    for (int q0 = 0; q0 < nq; q0 += 4) {
+      const float* pq = p + q0 * ns;
+      float* aq = acc + q0 * ds;
+      switch (nq - q0 < 4 ? nq - q0 : 4) {
+        case 4:
+          value_rows<Bits, Signed, 4>(pq, ns, chunk, stride, t0, T, d, group, scale, zero, aq, f);
+          break;
+        case 3:
+          value_rows<Bits, Signed, 3>(pq, ns, chunk, stride, t0, T, d, group, scale, zero, aq, f);
+          break;
+        case 2:
+          value_rows<Bits, Signed, 2>(pq, ns, chunk, stride, t0, T, d, group, scale, zero, aq, f);
+          break;
+        default:
+          value_rows<Bits, Signed, 1>(pq, ns, chunk, stride, t0, T, d, group, scale, zero, aq, f);
+          break;
+      }
+    }
+  }
+}
+
+}  // namespace avx2
+#endif  // KVC_CODE_KERNELS_AVX2
+
+template <int Bits, bool Signed>
+inline void dot_rows(const float* w, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                     float* out) noexcept {
+  check_kind<Bits, Signed>();
+  if (nq <= 0 || n <= 0) return;
+#if KVC_CODE_KERNELS_AVX2
+  avx2::dot_rows_simd<Bits, Signed>(w, nq, rows, stride, n, d, out);
+#else
+  dot_rows_portable<Bits, Signed>(w, nq, rows, stride, n, d, out);
+#endif
+}
+
+template <int Bits, bool Signed>
+inline void accumulate_rows(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                            int group, const float* scale, const float* zero, float* acc) noexcept {
+  check_kind<Bits, Signed>();
+  if (nq <= 0 || n <= 0 || d <= 0) return;
+#if KVC_CODE_KERNELS_AVX2
+  // Every aligned run of eight channels must lie in one group.
+  if (group % 8 == 0 || group >= d) {
+    avx2::accumulate_rows_simd<Bits, Signed>(p, nq, rows, stride, n, d, group < d ? group : d, scale, zero, acc);
+    return;
+  }
+#endif
+  accumulate_rows_portable<Bits, Signed>(p, nq, rows, stride, n, d, group, scale, zero, acc);
+}
+
+}  // namespace code_kernel
+
+// out[g n_rows + t] = sum_c w[g d + c] code(t, c) for g < nq, t < n_rows: w are nq query
+// rows of d channels with the per-channel key scale folded in, code(t, c) is code c of the
+// packed row at rows + t row_stride (Bits in {2, 3, 4, 8}).
+template <int Bits>
+inline void dot_code_rows(const float* w, int nq, const std::uint8_t* rows, std::size_t row_stride, int n_rows, int d,
+                          float* out) noexcept {
+  code_kernel::dot_rows<Bits, false>(w, nq, rows, row_stride, n_rows, d, out);
+}
+
+// acc[g d + c] += sum_t p[g n_rows + t] (scale[t ng + k] code(t, c) + zero[t ng + k]),
+// k = c / group, ng = ceil(d / group), for g < nq, c < d: p are nq rows of attention
+// weights, scale and zero each row's per-group dequantisation parameters (zero may be null:
+// no zero points). group is a positive multiple of 8 (the last group may be partial); other
+// sizes take the portable loop.
+template <int Bits>
+inline void accumulate_code_rows(const float* p, int nq, const std::uint8_t* rows, std::size_t row_stride, int n_rows,
+                                 int d, int group, const float* scale, const float* zero, float* acc) noexcept {
+  code_kernel::accumulate_rows<Bits, false>(p, nq, rows, row_stride, n_rows, d, group, scale, zero, acc);
+}
+
+// int8 symmetric rows (row_stride in elements): out[g n_rows + t] = sum_c w[g d + c] rows[t row_stride + c].
+inline void dot_int8_rows(const float* w, int nq, const std::int8_t* rows, std::size_t row_stride, int n_rows, int d,
+                          float* out) noexcept {
+  code_kernel::dot_rows<8, true>(w, nq, reinterpret_cast<const std::uint8_t*>(rows), row_stride, n_rows, d, out);
+}
+
+// acc[g d + c] += sum_t p[g n_rows + t] row_scale[t] rows[t row_stride + c].
+inline void accumulate_int8_rows(const float* p, int nq, const std::int8_t* rows, std::size_t row_stride, int n_rows,
+                                 int d, const float* row_scale, float* acc) noexcept {
+  code_kernel::accumulate_rows<8, true>(p, nq, reinterpret_cast<const std::uint8_t*>(rows), row_stride, n_rows, d, d,
+                                        row_scale, nullptr, acc);
+}
+
+// The portable loops, whatever the target: the same results up to the order of float sums.
+template <int Bits>
+inline void dot_code_rows_portable(const float* w, int nq, const std::uint8_t* rows, std::size_t row_stride, int n_rows,
+                                   int d, float* out) noexcept {
+  code_kernel::dot_rows_portable<Bits, false>(w, nq, rows, row_stride, n_rows, d, out);
+}
+template <int Bits>
+inline void accumulate_code_rows_portable(const float* p, int nq, const std::uint8_t* rows, std::size_t row_stride,
+                                          int n_rows, int d, int group, const float* scale, const float* zero,
+                                          float* acc) noexcept {
+  if (nq <= 0 || n_rows <= 0 || d <= 0) return;
+  code_kernel::accumulate_rows_portable<Bits, false>(p, nq, rows, row_stride, n_rows, d, group, scale, zero, acc);
+}
+inline void dot_int8_rows_portable(const float* w, int nq, const std::int8_t* rows, std::size_t row_stride, int n_rows,
+                                   int d, float* out) noexcept {
+  code_kernel::dot_rows_portable<8, true>(w, nq, reinterpret_cast<const std::uint8_t*>(rows), row_stride, n_rows, d,
+                                          out);
+}
+inline void accumulate_int8_rows_portable(const float* p, int nq, const std::int8_t* rows, std::size_t row_stride,
+                                          int n_rows, int d, const float* row_scale, float* acc) noexcept {
+  if (nq <= 0 || n_rows <= 0 || d <= 0) return;
+  code_kernel::accumulate_rows_portable<8, true>(p, nq, reinterpret_cast<const std::uint8_t*>(rows), row_stride, n_rows,
+                                                 d, d, row_scale, nullptr, acc);
+}
+
+}  // namespace detail
+KVC_NAMESPACE_END
+
+#undef KVC_CODE_UNROLL
+#undef KVC_CODE_INLINE

@@ -1,0 +1,451 @@
+// kvc/codecs/quantized.hpp: low-bit page codecs (KIVI, Liu et al., "KIVI: A Tuning-Free
+// Asymmetric 2bit Quantization for KV Cache", ICML 2024, Sec. 3-4) and symmetric int8.
+//
+//   codec::kivi_channel<Bits>        keys: each channel quantized over the tokens of a sealed
+//                                    page (the page is KIVI's group along tokens)
+//   codec::kivi_token<Bits, Group>   values: each token quantized in groups of Group channels
+//   codec::kivi<Bits, Group>         the pair, for paged_kv_cache<kivi<2>> (keys per channel,
+//                                    values per token); key and value widths may differ:
+//                                    paged_kv_cache<kivi<2>, kivi<4>> takes the keys of the
+//                                    first and the values of the second
+//   codec::int8                      symmetric, one float scale per (token, head)
+//
+// Asymmetric min-max quantization to B bits (KIVI Eq. 1): z = min x, s = (max x - min x) /
+// (2^B - 1) over the group, code = round((x - z) / s), x~ = z + s code; z and s are stored as
+// binary16 and the codes are computed against the stored values (detail/quant.hpp), bit-packed
+// (detail/quant.hpp gives the layout). The open page of a stream stays float: KIVI's
+// full-precision residual window.
+//
+// rotation::hadamard (kivi_channel, kivi_token and int8 as key codecs) rotates each key by the
+// orthonormal Walsh-Hadamard matrix H / sqrt(d) before quantizing (head_dim a power of two);
+// attention rotates the query the same way, so q.k is unchanged but for quantization, and
+// decoding rotates back. It spreads outlier channels over all channels, which helps per-token
+// quantization.
+//
+// Bytes per token per head, head_dim d, page_tokens P (stats() counts exactly these):
+//   kivi_channel<B>:  d B / 8 codes + 4 d / P (binary16 scale and zero per channel per page)
+//   kivi_token<B, G>: d B / 8 codes + 4 ceil(d / G) (binary16 scale and zero per group)
+//   int8:             d codes + 4 (float scale)
+// e.g. d = 128, P = 64: kivi_channel<2> 40, <4> 72; kivi_token<2, 32> 48, <4, 32> 80; int8 132
+// (f16: 256). The page payload is rounded up to 64 bytes in the page layout.
+//
+// Attention reads the codes in place (fused, no dequantized copy): the cache calls
+// prepare_queries once per page and run of query rows, key_logits and accumulate_values per
+// chunk of up to 64 tokens
+// (detail/code_kernels.hpp).
+//
+// Error: |x~ - x| <= s / 2 per element of a group (s its step), plus the binary16 rounding of
+// z; relative_error / absolute_error (the per-element contract of codec.hpp) do not bound it,
+// so quantized codecs report relative_error 0, absolute_error +inf and range_error =
+// 1 / (2 (2^B - 1)): |x~ - x| <= range_error (max - min) of its group, up to binary16 rounding.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "kvc/codecs/codec.hpp"
+#include "kvc/codecs/detail/code_kernels.hpp"
+#include "kvc/codecs/detail/quant.hpp"
+#include "kvc/detail/attention.hpp"
+#include "kvc/detail/half.hpp"
+#include "kvc/version.hpp"
+
+KVC_NAMESPACE_BEGIN
+namespace codec {
+
+enum class rotation { none, hadamard };
+
+}  // namespace codec
+
+namespace detail {
+namespace qcodec {
+
+// The payload starts are aligned to 8 bytes inside a page.
+constexpr std::size_t align8(std::size_t n) noexcept { return (n + 7u) & ~std::size_t{7}; }
+
+// x rotated when R is hadamard (into buf, returned), else x itself.
+template <codec::rotation R>
+inline const float* rotated(const float* x, int d, float* buf) noexcept {
+  if constexpr (R == codec::rotation::hadamard) {
+    std::memcpy(buf, x, sizeof(float) * static_cast<std::size_t>(d));
+    hadamard_rotate(buf, d);
+    return buf;
+  } else {
+    (void)d;
+    (void)buf;
+    return x;
+  }
+}
+
+template <codec::rotation R>
+inline void unrotate_rows(float* x, int n, int d) noexcept {
+  if constexpr (R == codec::rotation::hadamard) {
+    hadamard_rotate_rows(x, n, d);
+  } else {
+    (void)x, (void)n, (void)d;
+  }
+}
+
+// One of four names by bit width.
+template <int Bits>
+constexpr const char* by_bits(const char* b2, const char* b3, const char* b4, const char* b8) noexcept {
+  return Bits == 2 ? b2 : Bits == 3 ? b3 : Bits == 4 ? b4 : b8;
+}
+
+}  // namespace qcodec
+}  // namespace detail
+
+namespace codec {
+
+// ---------------------------------------------------------------- kivi_channel
+
+// KIVI keys: channel c of a sealed page's n tokens has one scale and zero, [scale f16 d]
+// [zero f16 d] then the packed code rows [P][packed_bytes(d, B)].
+template <int Bits, rotation R = rotation::none>
+struct kivi_channel {
+  static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kivi_channel: Bits must be 2, 3, 4 or 8");
+  static constexpr const char* name =
+      R == rotation::none
+          ? detail::qcodec::by_bits<Bits>("kivi_channel<2>", "kivi_channel<3>", "kivi_channel<4>", "kivi_channel<8>")
+          : detail::qcodec::by_bits<Bits>("kivi_channel<2>+hadamard", "kivi_channel<3>+hadamard",
+                                          "kivi_channel<4>+hadamard", "kivi_channel<8>+hadamard");
+  static constexpr int bits = Bits;
+  static constexpr rotation rotate = R;
+  static constexpr bool identity = false;
+  static constexpr bool token_granular = false;  // a page's rows share its channel parameters
+  static constexpr bool fused = true;
+  static constexpr double relative_error = 0.0;
+  static constexpr double absolute_error = std::numeric_limits<double>::infinity();
+  static constexpr double range_error = 0.5 / ((1 << Bits) - 1);
+  static constexpr float max_abs = 65504.0f;
+
+  static constexpr std::size_t row_bytes(int d) noexcept { return detail::packed_bytes(d, Bits); }
+  static constexpr std::size_t codes_offset(int d) noexcept {
+    return detail::qcodec::align8(4 * static_cast<std::size_t>(d));
+  }
+  static constexpr std::size_t page_bytes(int page_tokens, int d) noexcept {
+    return codes_offset(d) + static_cast<std::size_t>(page_tokens) * row_bytes(d);
+  }
+  static const std::uint16_t* scales(const std::byte* page) noexcept {
+    return reinterpret_cast<const std::uint16_t*>(page);
+  }
+  static const std::uint16_t* zeros(const std::byte* page, int d) noexcept { return scales(page) + d; }
+  static const std::uint8_t* codes(const std::byte* page, int d) noexcept {
+    return reinterpret_cast<const std::uint8_t*>(page + codes_offset(d));
+  }
+
+  // Rows [0, n) of a page from float [n][d]: parameters over those n rows.
+  static void encode(const float* src, int n, int d, int /*page_tokens*/, std::byte* page) noexcept {
+    std::uint16_t* scale = reinterpret_cast<std::uint16_t*>(page);
+    std::uint16_t* zero = scale + d;
+    std::uint8_t* out = reinterpret_cast<std::uint8_t*>(page + codes_offset(d));
+    if constexpr (R == rotation::none) {
+      detail::quantize_rows_per_channel(src, n, d, Bits, out, scale, zero);
+    } else {
+      // Two passes, one row rotated at a time: the channel ranges, then the codes.
+      alignas(32) float buf[max_head_dim_rows];
+      alignas(32) float lo[max_head_dim_rows], hi[max_head_dim_rows];
+      for (int c = 0; c < d; ++c) {
+        lo[c] = std::numeric_limits<float>::infinity();
+        hi[c] = -std::numeric_limits<float>::infinity();
+      }
+      for (int t = 0; t < n; ++t) {
+        const float* x = detail::qcodec::rotated<R>(src + static_cast<std::size_t>(t) * d, d, buf);
+        for (int c = 0; c < d; ++c) {
+          lo[c] = x[c] < lo[c] ? x[c] : lo[c];
+          hi[c] = x[c] > hi[c] ? x[c] : hi[c];
+        }
+      }
+      for (int c = 0; c < d; ++c) {
+        const detail::minmax m = n > 0 ? detail::minmax_from_range(lo[c], hi[c], Bits) : detail::minmax{0, 0};
+        scale[c] = m.scale;
+        zero[c] = m.zero;
+      }
+      for (int t = 0; t < n; ++t) {
+        const float* x = detail::qcodec::rotated<R>(src + static_cast<std::size_t>(t) * d, d, buf);
+        detail::quantize_rows_per_channel_fixed(x, t, 1, d, Bits, scale, zero, out);
+      }
+    }
+  }
+  static void decode(const std::byte* page, int first, int n, int d, int /*page_tokens*/, float* dst) noexcept {
+    detail::dequantize_rows_per_channel(codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d), n, d, Bits,
+                                        scales(page), zeros(page, d), dst);
+    detail::qcodec::unrotate_rows<R>(dst, n, d);
+  }
+  static const float* rows_f32(const std::byte* page, int first, int n, int d, int page_tokens,
+                               float* scratch) noexcept {
+    decode(page, first, n, d, page_tokens, scratch);
+    return scratch;
+  }
+  // Not token granular: the cache re-encodes pages whose rows change (see paged_kv_cache).
+  static void copy_rows(const std::byte*, int, std::byte*, int, int, int, int) noexcept {}
+
+  // Fused attention. For each of the nq query rows q[g]: w[g] [d] = rotated q times each
+  // channel's scale, bias[g] = rotated q . zero (the page's parameters are widened once).
+  static void prepare_queries(const std::byte* page, int d, int /*page_tokens*/, const float* const* q, int nq,
+                              float* w, float* bias) noexcept {
+    alignas(32) float buf[max_head_dim_rows], sf[max_head_dim_rows], zf[max_head_dim_rows];
+    detail::half_to_float(scales(page), sf, static_cast<std::size_t>(d));
+    detail::half_to_float(zeros(page, d), zf, static_cast<std::size_t>(d));
+    for (int g = 0; g < nq; ++g) {
+      const float* x = detail::qcodec::rotated<R>(q[g], d, buf);
+      float* wg = w + static_cast<std::size_t>(g) * d;
+      for (int c = 0; c < d; ++c) wg[c] = x[c] * sf[c];
+      bias[g] = detail::dot(x, zf, d);
+    }
+  }
+  // out[g * T + t] = q_g . k~_{first + t}, from the prepared w [nq][d] and bias [nq].
+  static void key_logits(const std::byte* page, int first, int T, int d, int /*page_tokens*/, const float* w,
+                         const float* bias, int nq, float* out) noexcept {
+    detail::dot_code_rows<Bits>(w, nq, codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d), row_bytes(d), T,
+                                d, out);
+    for (int g = 0; g < nq; ++g)
+      for (int t = 0; t < T; ++t) out[g * T + t] += bias[g];
+  }
+  static constexpr int bias_floats(int /*d*/) noexcept { return 1; }
+
+ private:
+  static constexpr int max_head_dim_rows = 512;
+};
+
+// ---------------------------------------------------------------- kivi_token
+
+// KIVI values: token t's channels in groups of Group, one scale and zero per group:
+// [codes P][packed_bytes(d, B)] then [scale f16 P][ng] [zero f16 P][ng], ng = ceil(d / Group).
+template <int Bits, int Group = 32, rotation R = rotation::none>
+struct kivi_token {
+  static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kivi_token: Bits must be 2, 3, 4 or 8");
+  static_assert(Group >= 32 && Group % 32 == 0, "kivi_token: Group must be a positive multiple of 32");
+  static constexpr const char* name =
+      R == rotation::none
+          ? detail::qcodec::by_bits<Bits>("kivi_token<2>", "kivi_token<3>", "kivi_token<4>", "kivi_token<8>")
+          : detail::qcodec::by_bits<Bits>("kivi_token<2>+hadamard", "kivi_token<3>+hadamard", "kivi_token<4>+hadamard",
+                                          "kivi_token<8>+hadamard");
+  static constexpr int bits = Bits;
+  static constexpr int group = Group;
+  static constexpr rotation rotate = R;
+  static constexpr bool identity = false;
+  static constexpr bool token_granular = true;  // each row carries its own parameters
+  static constexpr bool fused = true;
+  static constexpr double relative_error = 0.0;
+  static constexpr double absolute_error = std::numeric_limits<double>::infinity();
+  static constexpr double range_error = 0.5 / ((1 << Bits) - 1);
+  static constexpr float max_abs = 65504.0f;
+
+  static constexpr int groups(int d) noexcept { return (d + Group - 1) / Group; }
+  static constexpr std::size_t row_bytes(int d) noexcept { return detail::packed_bytes(d, Bits); }
+  static constexpr std::size_t params_offset(int page_tokens, int d) noexcept {
+    return detail::qcodec::align8(static_cast<std::size_t>(page_tokens) * row_bytes(d));
+  }
+  static constexpr std::size_t page_bytes(int page_tokens, int d) noexcept {
+    return params_offset(page_tokens, d) +
+           4 * static_cast<std::size_t>(page_tokens) * static_cast<std::size_t>(groups(d));
+  }
+  static std::uint16_t* scales(std::byte* page, int P, int d) noexcept {
+    return reinterpret_cast<std::uint16_t*>(page + params_offset(P, d));
+  }
+  static const std::uint16_t* scales(const std::byte* page, int P, int d) noexcept {
+    return reinterpret_cast<const std::uint16_t*>(page + params_offset(P, d));
+  }
+  static const std::uint16_t* zeros(const std::byte* page, int P, int d) noexcept {
+    return scales(page, P, d) + static_cast<std::size_t>(P) * groups(d);
+  }
+
+  static void encode(const float* src, int n, int d, int page_tokens, std::byte* page) noexcept {
+    std::uint8_t* out = reinterpret_cast<std::uint8_t*>(page);
+    std::uint16_t* scale = scales(page, page_tokens, d);
+    std::uint16_t* zero = scale + static_cast<std::size_t>(page_tokens) * groups(d);
+    alignas(32) float buf[512];
+    for (int t = 0; t < n; ++t) {
+      const float* x = detail::qcodec::rotated<R>(src + static_cast<std::size_t>(t) * d, d, buf);
+      const std::size_t g0 = static_cast<std::size_t>(t) * groups(d);
+      detail::quantize_rows_grouped(x, 1, d, Group, Bits, out + static_cast<std::size_t>(t) * row_bytes(d), scale + g0,
+                                    zero + g0);
+    }
+  }
+  static void decode(const std::byte* page, int first, int n, int d, int page_tokens, float* dst) noexcept {
+    const std::size_t g0 = static_cast<std::size_t>(first) * groups(d);
+    detail::dequantize_rows_grouped(reinterpret_cast<const std::uint8_t*>(page) + first * row_bytes(d), n, d, Group,
+                                    Bits, scales(page, page_tokens, d) + g0, zeros(page, page_tokens, d) + g0, dst);
+    detail::qcodec::unrotate_rows<R>(dst, n, d);
+  }
+  static const float* rows_f32(const std::byte* page, int first, int n, int d, int page_tokens,
+                               float* scratch) noexcept {
+    decode(page, first, n, d, page_tokens, scratch);
+    return scratch;
+  }
+  static void copy_rows(const std::byte* src, int src_first, std::byte* dst, int dst_first, int n, int d,
+                        int page_tokens) noexcept {
+    if (n <= 0) return;
+    std::memmove(dst + static_cast<std::size_t>(dst_first) * row_bytes(d),
+                 src + static_cast<std::size_t>(src_first) * row_bytes(d), static_cast<std::size_t>(n) * row_bytes(d));
+    const std::size_t ng = static_cast<std::size_t>(groups(d)), P = static_cast<std::size_t>(page_tokens);
+    for (std::size_t part = 0; part < 2; ++part) {  // scales, then zeros
+      const std::byte* s = src + params_offset(page_tokens, d) + 2 * part * P * ng;
+      std::byte* t = dst + params_offset(page_tokens, d) + 2 * part * P * ng;
+      std::memmove(t + 2 * static_cast<std::size_t>(dst_first) * ng, s + 2 * static_cast<std::size_t>(src_first) * ng,
+                   2 * static_cast<std::size_t>(n) * ng);
+    }
+  }
+
+  // Fused attention as keys: w[g] = rotated q[g], bias[g][k] = sum of w[g] over group k.
+  static void prepare_queries(const std::byte* /*page*/, int d, int /*page_tokens*/, const float* const* q, int nq,
+                              float* w, float* bias) noexcept {
+    alignas(32) float buf[512];
+    for (int g = 0; g < nq; ++g) {
+      const float* x = detail::qcodec::rotated<R>(q[g], d, buf);
+      float* wg = w + static_cast<std::size_t>(g) * d;
+      float* bg = bias + static_cast<std::size_t>(g) * groups(d);
+      for (int k = 0; k < groups(d); ++k) bg[k] = 0.0f;
+      for (int c = 0; c < d; ++c) {
+        wg[c] = x[c];
+        bg[c / Group] += x[c];
+      }
+    }
+  }
+  static constexpr int bias_floats(int d) noexcept { return groups(d); }
+  // T <= fused_tokens tokens per call.
+  static void key_logits(const std::byte* page, int first, int T, int d, int page_tokens, const float* w,
+                         const float* bias, int nq, float* out) noexcept {
+    const int ng = groups(d);
+    const std::uint8_t* rows = reinterpret_cast<const std::uint8_t*>(page) + first * row_bytes(d);
+    const std::uint16_t* s = scales(page, page_tokens, d) + static_cast<std::size_t>(first) * ng;
+    const std::uint16_t* z = zeros(page, page_tokens, d) + static_cast<std::size_t>(first) * ng;
+    alignas(32) float wk[8 * Group];
+    float part[8 * 64];
+    for (int i = 0; i < nq * T; ++i) out[i] = 0.0f;
+    for (int k = 0; k < ng; ++k) {
+      const int c0 = k * Group, len = d - c0 < Group ? d - c0 : Group;
+      for (int g0 = 0; g0 < nq; g0 += 8) {
+        const int gn = nq - g0 < 8 ? nq - g0 : 8;
+        for (int g = 0; g < gn; ++g)
+          std::memcpy(wk + g * len, w + static_cast<std::size_t>(g0 + g) * d + c0, sizeof(float) * len);
+        // Group k's codes start at a block boundary (Group is a multiple of 32).
+        detail::dot_code_rows<Bits>(wk, gn, rows + detail::packed_bytes(c0, Bits), row_bytes(d), T, len, part);
+        for (int g = 0; g < gn; ++g)
+          for (int t = 0; t < T; ++t) {
+            const std::size_t i = static_cast<std::size_t>(t) * ng + k;
+            out[(g0 + g) * T + t] += detail::half_to_float_scalar(s[i]) * part[g * T + t] +
+                                     detail::half_to_float_scalar(z[i]) * bias[(g0 + g) * ng + k];
+          }
+      }
+    }
+  }
+  // acc[g * d + c] += sum_t p[g * T + t] v~_{first + t, c}, T <= 64.
+  static void accumulate_values(const std::byte* page, int first, int T, int d, int page_tokens, const float* p, int nq,
+                                float* acc) noexcept {
+    static_assert(R == rotation::none, "kivi_token: rotated values are not supported (attention would rotate back)");
+    const std::size_t n = static_cast<std::size_t>(T) * static_cast<std::size_t>(groups(d));
+    const std::size_t i0 = static_cast<std::size_t>(first) * static_cast<std::size_t>(groups(d));
+    alignas(32) float s[64 * 16], z[64 * 16];
+    detail::half_to_float(scales(page, page_tokens, d) + i0, s, n);
+    detail::half_to_float(zeros(page, page_tokens, d) + i0, z, n);
+    detail::accumulate_code_rows<Bits>(p, nq, reinterpret_cast<const std::uint8_t*>(page) + first * row_bytes(d),
+                                       row_bytes(d), T, d, Group, s, z, acc);
+  }
+};
+
+// ---------------------------------------------------------------- int8
+
+// Symmetric int8 per (token, head): scale = max |x| / 127, code = round(x / scale) in
+// [-127, 127]; [codes int8 P][d] then [scale float P].
+template <rotation R = rotation::none>
+struct int8_rows {
+  static constexpr const char* name = R == rotation::none ? "int8" : "int8+hadamard";
+  static constexpr int bits = 8;
+  static constexpr rotation rotate = R;
+  static constexpr bool identity = false;
+  static constexpr bool token_granular = true;
+  static constexpr bool fused = true;
+  static constexpr double relative_error = 0.0;
+  static constexpr double absolute_error = std::numeric_limits<double>::infinity();
+  // |x~ - x| <= scale / 2 = max |x| / 254 of its row: range_error of a symmetric range 2 max |x|.
+  static constexpr double range_error = 0.25 / 127.0;
+  static constexpr float max_abs = std::numeric_limits<float>::max() / 2;
+
+  static constexpr std::size_t scales_offset(int page_tokens, int d) noexcept {
+    return detail::qcodec::align8(static_cast<std::size_t>(page_tokens) * static_cast<std::size_t>(d));
+  }
+  static constexpr std::size_t page_bytes(int page_tokens, int d) noexcept {
+    return scales_offset(page_tokens, d) + 4 * static_cast<std::size_t>(page_tokens);
+  }
+  static const std::int8_t* codes(const std::byte* page) noexcept { return reinterpret_cast<const std::int8_t*>(page); }
+  static const float* row_scales(const std::byte* page, int P, int d) noexcept {
+    return reinterpret_cast<const float*>(page + scales_offset(P, d));
+  }
+
+  static void encode(const float* src, int n, int d, int page_tokens, std::byte* page) noexcept {
+    std::int8_t* out = reinterpret_cast<std::int8_t*>(page);
+    float* sc = reinterpret_cast<float*>(page + scales_offset(page_tokens, d));
+    alignas(32) float buf[512];
+    for (int t = 0; t < n; ++t) {
+      const float* x = detail::qcodec::rotated<R>(src + static_cast<std::size_t>(t) * d, d, buf);
+      detail::quantize_rows_int8(x, 1, d, out + static_cast<std::size_t>(t) * d, sc + t);
+    }
+  }
+  static void decode(const std::byte* page, int first, int n, int d, int page_tokens, float* dst) noexcept {
+    detail::dequantize_rows_int8(codes(page) + static_cast<std::size_t>(first) * d,
+                                 row_scales(page, page_tokens, d) + first, n, d, dst);
+    detail::qcodec::unrotate_rows<R>(dst, n, d);
+  }
+  static const float* rows_f32(const std::byte* page, int first, int n, int d, int page_tokens,
+                               float* scratch) noexcept {
+    decode(page, first, n, d, page_tokens, scratch);
+    return scratch;
+  }
+  static void copy_rows(const std::byte* src, int src_first, std::byte* dst, int dst_first, int n, int d,
+                        int page_tokens) noexcept {
+    if (n <= 0) return;
+    const std::size_t ud = static_cast<std::size_t>(d);
+    std::memmove(dst + static_cast<std::size_t>(dst_first) * ud, src + static_cast<std::size_t>(src_first) * ud,
+                 static_cast<std::size_t>(n) * ud);
+    const std::size_t so = scales_offset(page_tokens, d);
+    std::memmove(dst + so + 4 * static_cast<std::size_t>(dst_first), src + so + 4 * static_cast<std::size_t>(src_first),
+                 4 * static_cast<std::size_t>(n));
+  }
+
+  static void prepare_queries(const std::byte* /*page*/, int d, int /*page_tokens*/, const float* const* q, int nq,
+                              float* w, float* /*bias*/) noexcept {
+    alignas(32) float buf[512];
+    for (int g = 0; g < nq; ++g) {
+      const float* x = detail::qcodec::rotated<R>(q[g], d, buf);
+      std::memcpy(w + static_cast<std::size_t>(g) * d, x, sizeof(float) * static_cast<std::size_t>(d));
+    }
+  }
+  static constexpr int bias_floats(int /*d*/) noexcept { return 1; }
+  static void key_logits(const std::byte* page, int first, int T, int d, int page_tokens, const float* w,
+                         const float* /*bias*/, int nq, float* out) noexcept {
+    detail::dot_int8_rows(w, nq, codes(page) + static_cast<std::size_t>(first) * d, static_cast<std::size_t>(d), T, d,
+                          out);
+    const float* sc = row_scales(page, page_tokens, d) + first;
+    for (int g = 0; g < nq; ++g)
+      for (int t = 0; t < T; ++t) out[g * T + t] *= sc[t];
+  }
+  static void accumulate_values(const std::byte* page, int first, int T, int d, int page_tokens, const float* p, int nq,
+                                float* acc) noexcept {
+    static_assert(R == rotation::none, "int8: rotated values are not supported (attention would rotate back)");
+    detail::accumulate_int8_rows(p, nq, codes(page) + static_cast<std::size_t>(first) * d, static_cast<std::size_t>(d),
+                                 T, d, row_scales(page, page_tokens, d) + first, acc);
+  }
+};
+
+using int8 = int8_rows<>;
+
+// ---------------------------------------------------------------- kivi
+
+// KIVI's recipe as one name: keys per channel (kivi_channel<Bits, R>), values per token in
+// groups of Group (kivi_token<Bits, Group>). paged_kv_cache takes key from its key codec
+// argument and value from its value codec argument.
+template <int Bits, int Group = 32, rotation R = rotation::none>
+struct kivi {
+  using key = kivi_channel<Bits, R>;
+  using value = kivi_token<Bits, Group>;
+  static constexpr const char* name = detail::qcodec::by_bits<Bits>("kivi<2>", "kivi<3>", "kivi<4>", "kivi<8>");
+  static constexpr int bits = Bits;
+};
+
+}  // namespace codec
+KVC_NAMESPACE_END
