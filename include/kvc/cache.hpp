@@ -967,26 +967,7 @@ class paged_kv_cache {
         for (int g = 0; g < len; ++g) {
           const int r = r0 + g;
           float* sr = s + g * T;
-          // Eight partial maxima and sums, so that the loops vectorise.
-          float mx8[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
-          const std::int32_t qp = b.q_pos[r];
-          const std::int32_t* pt = pos + t0;
-          const float* wt = lw + t0;
-          int t = 0;
-          for (; t + 8 <= T; t += 8) {
-            float x[8];
-            for (int j = 0; j < 8; ++j) x[j] = pt[t + j] <= qp ? sr[t + j] * sc + wt[t + j] : ninf;
-            for (int j = 0; j < 8; ++j) {
-              sr[t + j] = x[j];
-              mx8[j] = x[j] > mx8[j] ? x[j] : mx8[j];
-            }
-          }
-          for (; t < T; ++t) {
-            sr[t] = pt[t] <= qp ? sr[t] * sc + wt[t] : ninf;
-            mx8[0] = sr[t] > mx8[0] ? sr[t] : mx8[0];
-          }
-          float mx = ninf;
-          for (float m : mx8) mx = m > mx ? m : mx;
+          const float mx = detail::mask_logits(sr, pos + t0, lw + t0, T, b.q_pos[r], sc);
           if (mx == ninf) {
             for (int t = 0; t < T; ++t) sr[t] = 0.0f;
             continue;
@@ -994,21 +975,7 @@ class paged_kv_cache {
           any = true;
           const float m_new = mx > b.m[r] ? mx : b.m[r];
           const float corr = detail::exp_nonpositive(b.m[r] - m_new);
-          float sum8[8] = {};
-          t = 0;
-          for (; t + 8 <= T; t += 8) {
-            float x[8];
-            for (int j = 0; j < 8; ++j) x[j] = detail::exp_nonpositive(sr[t + j] - m_new);
-            for (int j = 0; j < 8; ++j) {
-              sr[t + j] = x[j];
-              sum8[j] += x[j];
-            }
-          }
-          for (; t < T; ++t) {
-            sr[t] = detail::exp_nonpositive(sr[t] - m_new);
-            sum8[0] += sr[t];
-          }
-          const float sum = ((sum8[0] + sum8[1]) + (sum8[2] + sum8[3])) + ((sum8[4] + sum8[5]) + (sum8[6] + sum8[7]));
+          const float sum = detail::exp_shifted_sum(sr, T, m_new);
           b.l[r] = b.l[r] * corr + sum;
           b.m[r] = m_new;
           if (corr != 1.0f)

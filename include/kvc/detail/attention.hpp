@@ -542,6 +542,59 @@ inline void attend_tile(row_block& b, const void* keys, const void* values, cons
 }  // namespace avx2
 #endif  // KVC_ATTEND_AVX2
 
+// Masked, scaled logits of one query row over T tokens, in place: s[t] = s[t] * scale +
+// log_w[t] where pos[t] <= q_pos, -inf elsewhere. Returns the largest.
+inline float mask_logits(float* s, const std::int32_t* pos, const float* log_w, int T, std::int32_t q_pos,
+                         float scale) noexcept {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  float mx = ninf;
+  int t = 0;
+#if KVC_ATTEND_AVX2
+  __m256 m8 = _mm256_set1_ps(ninf);
+  const __m256i q8 = _mm256_set1_epi32(q_pos);
+  const __m256 sc8 = _mm256_set1_ps(scale), ninf8 = _mm256_set1_ps(ninf);
+  for (; t + 8 <= T; t += 8) {
+    const __m256 hidden =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + t)), q8));
+    const __m256 x =
+        _mm256_blendv_ps(_mm256_fmadd_ps(_mm256_loadu_ps(s + t), sc8, _mm256_loadu_ps(log_w + t)), ninf8, hidden);
+    _mm256_storeu_ps(s + t, x);
+    m8 = _mm256_max_ps(m8, x);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m8);
+  for (float v : lanes) mx = v > mx ? v : mx;
+#endif
+  for (; t < T; ++t) {
+    s[t] = pos[t] <= q_pos ? s[t] * scale + log_w[t] : ninf;
+    mx = s[t] > mx ? s[t] : mx;
+  }
+  return mx;
+}
+
+// s[t] = e^(s[t] - m) for t < T (m >= every s[t]); returns their sum.
+inline float exp_shifted_sum(float* s, int T, float m) noexcept {
+  float sum = 0.0f;
+  int t = 0;
+#if KVC_ATTEND_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 m8 = _mm256_set1_ps(m);
+  for (; t + 8 <= T; t += 8) {
+    const __m256 p = avx2::exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8));
+    _mm256_storeu_ps(s + t, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#endif
+  for (; t < T; ++t) {
+    s[t] = exp_nonpositive(s[t] - m);
+    sum += s[t];
+  }
+  return sum;
+}
+
 // True when attend_tile_in_place reads rows of this element type straight from a page.
 constexpr bool reads_in_place(element_type e) noexcept {
   return e == element_type::f32 || (attend_simd && e == element_type::bf16) ||
