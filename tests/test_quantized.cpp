@@ -29,22 +29,9 @@ std::size_t align64(std::size_t n) { return (n + 63) / 64 * 64; }
 constexpr int layers = 1, kv_heads = 2, group = 4;
 
 kvc::cache_config config(int d, int page_tokens, int max_context = 4096) {
-  kvc::cache_config c;
-  c.shape = {layers, kv_heads * group, kv_heads, d};
-  c.page_tokens = page_tokens;
-  c.max_context = max_context;
+  kvc::cache_config c = policy_test::make_config({layers, kv_heads * group, kv_heads, d}, page_tokens, max_context);
   c.capacity_bytes = std::size_t{32} << 20;
   return c;
-}
-
-template <class Cache>
-Cache make(const kvc::cache_config& c) {
-  auto r = Cache::create(c);
-  if (!r.ok()) {
-    ADD_FAILURE() << r.status().message();
-    std::abort();
-  }
-  return std::move(r).value();
 }
 
 // n tokens [n][kv_heads][d]: Gaussian keys with two channels 10 times larger (the outlier
@@ -175,7 +162,7 @@ TYPED_TEST(QuantizedCache, StatsCountTheLayoutBytes) {
   using V = kvc::detail::value_role_t<typename TypeParam::value>;
   using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
   const int d = 128, P = 16;
-  cache_t cache = make<cache_t>(config(d, P));
+  cache_t cache = policy_test::make_cache<cache_t>(config(d, P));
   const std::size_t sealed = align64(K::page_bytes(P, d)) + align64(V::page_bytes(P, d)) + 2 * align64(4 * P);
   EXPECT_EQ(cache.sealed_page_bytes(), sealed);
   const tokens t(53, d, 5);  // 3 sealed pages and 5 open tokens per stream
@@ -195,7 +182,7 @@ TYPED_TEST(QuantizedCache, StreamingAppendsEncodeLikeOneCall) {
   using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
   const int d = 64, P = 16;
   const tokens t(70, d, 9);
-  cache_t one = make<cache_t>(config(d, P)), many = make<cache_t>(config(d, P));
+  cache_t one = policy_test::make_cache<cache_t>(config(d, P)), many = policy_test::make_cache<cache_t>(config(d, P));
   const kvc::seq_id a = one.create_sequence(), b = many.create_sequence();
   ASSERT_TRUE(one.append(a, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
   for (int i = 0; i < t.n; ++i) {
@@ -219,7 +206,7 @@ TYPED_TEST(QuantizedCache, FusedAttendEqualsAttentionOverDecodedRows) {
   for (int d : {64, 128}) {
     SCOPED_TRACE("head_dim " + std::to_string(d));
     const tokens t(300, d, 21);
-    cache_t cache = make<cache_t>(config(d, 32));
+    cache_t cache = policy_test::make_cache<cache_t>(config(d, 32));
     const kvc::seq_id s = cache.create_sequence();
     ASSERT_TRUE(cache.append(s, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
     for (int round = 0; round < 2; ++round) {
@@ -250,14 +237,14 @@ TEST(QuantizedAttend, ErrorAgainstDenseFloatIsBoundedAndFallsWithBits) {
   const std::vector<float> q = queries(4, d, 32);
   const std::vector<std::int32_t> qp{2048, 2048, 2048, 2048};
   using dense_t = kvc::paged_kv_cache<kvc::codec::f32>;
-  dense_t dense = make<dense_t>(config(d, P));
+  dense_t dense = policy_test::make_cache<dense_t>(config(d, P));
   const kvc::seq_id sd = dense.create_sequence();
   ASSERT_TRUE(dense.append(sd, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
   const std::vector<float> ref_f = attend(dense, sd, q, qp);
   const std::vector<double> ref(ref_f.begin(), ref_f.end());
   auto error = [&](auto which) {
     using cache_t = typename decltype(which)::type;
-    cache_t c = make<cache_t>(config(d, P));
+    cache_t c = policy_test::make_cache<cache_t>(config(d, P));
     const kvc::seq_id s = c.create_sequence();
     EXPECT_TRUE(c.append(s, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
     return rel(attend(c, s, q, qp), ref);
@@ -291,7 +278,7 @@ TYPED_TEST(QuantizedCache, EvictionMovesRowsWithoutRequantizing) {
   using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
   const int d = 64, P = 16;
   const tokens t(200, d, 41);
-  cache_t cache = make<cache_t>(config(d, P));
+  cache_t cache = policy_test::make_cache<cache_t>(config(d, P));
   const kvc::seq_id s = cache.create_sequence();
   ASSERT_TRUE(cache.append(s, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
   std::vector<kvc::row_matrix> keys, values;
@@ -339,8 +326,8 @@ TYPED_TEST(QuantizedCache, RepeatedEvictionsAgainstOneRound) {
   using dense_t = kvc::paged_kv_cache<kvc::codec::f32>;
   const int d = 128, P = 32;
   const tokens t(1500, d, 51);
-  cache_t many = make<cache_t>(config(d, P)), one = make<cache_t>(config(d, P));
-  dense_t dense = make<dense_t>(config(d, P));
+  cache_t many = policy_test::make_cache<cache_t>(config(d, P)), one = policy_test::make_cache<cache_t>(config(d, P));
+  dense_t dense = policy_test::make_cache<dense_t>(config(d, P));
   const kvc::seq_id a = many.create_sequence(), b = one.create_sequence(), c = dense.create_sequence();
   ASSERT_TRUE(many.append(a, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
   ASSERT_TRUE(one.append(b, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
@@ -379,7 +366,7 @@ TYPED_TEST(QuantizedCache, RepeatedEvictionsAgainstOneRound) {
 TEST(QuantizedCache, RejectsValuesOutsideTheParameterRange) {
   using cache_t = kvc::paged_kv_cache<kvc::codec::kivi<4>>;
   const int d = 64;
-  cache_t cache = make<cache_t>(config(d, 16));
+  cache_t cache = policy_test::make_cache<cache_t>(config(d, 16));
   const kvc::seq_id s = cache.create_sequence();
   tokens t(20, d, 71);
   ASSERT_TRUE(cache.append(s, 0, t.k.data(), t.v.data(), t.pos.data(), 10).ok());

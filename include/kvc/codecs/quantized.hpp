@@ -89,6 +89,30 @@ inline void unrotate_rows(float* x, int n, int d) noexcept {
   }
 }
 
+// Moves rows [src_first, src_first + n) of a per-token array of `row` bytes a token that
+// starts `offset` bytes into a page to rows [dst_first, ...) of another (or the same) page.
+inline void move_rows(const std::byte* src, int src_first, std::byte* dst, int dst_first, int n, std::size_t offset,
+                      std::size_t row) noexcept {
+  std::memmove(dst + offset + static_cast<std::size_t>(dst_first) * row,
+               src + offset + static_cast<std::size_t>(src_first) * row, static_cast<std::size_t>(n) * row);
+}
+
+// What every quantized codec shares: rows_f32 as a decoded copy, attention on the codes
+// (fused), and the error contract described above (range_error, not per element).
+template <class Derived>
+struct quantized_base {
+  static constexpr bool identity = false;
+  static constexpr bool fused = true;
+  static constexpr double relative_error = 0.0;
+  static constexpr double absolute_error = std::numeric_limits<double>::infinity();
+
+  static const float* rows_f32(const std::byte* page, int first, int n, int d, int page_tokens,
+                               float* scratch) noexcept {
+    Derived::decode(page, first, n, d, page_tokens, scratch);
+    return scratch;
+  }
+};
+
 // One of four names by bit width.
 template <int Bits>
 constexpr const char* by_bits(const char* b2, const char* b3, const char* b4, const char* b8) noexcept {
@@ -105,7 +129,7 @@ namespace codec {
 // KIVI keys: channel c of a sealed page's n tokens has one scale and zero, [scale f16 d]
 // [zero f16 d] then the packed code rows [P][packed_bytes(d, B)].
 template <int Bits, rotation R = rotation::none>
-struct kivi_channel {
+struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
   static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kivi_channel: Bits must be 2, 3, 4 or 8");
   static constexpr const char* name =
       R == rotation::none
@@ -114,11 +138,7 @@ struct kivi_channel {
                                           "kivi_channel<4>+hadamard", "kivi_channel<8>+hadamard");
   static constexpr int bits = Bits;
   static constexpr rotation rotate = R;
-  static constexpr bool identity = false;
   static constexpr bool token_granular = false;  // a page's rows share its channel parameters
-  static constexpr bool fused = true;
-  static constexpr double relative_error = 0.0;
-  static constexpr double absolute_error = std::numeric_limits<double>::infinity();
   static constexpr double range_error = 0.5 / ((1 << Bits) - 1);
   static constexpr float max_abs = 65504.0f;
 
@@ -175,11 +195,6 @@ struct kivi_channel {
                                         scales(page), zeros(page, d), dst);
     detail::qcodec::unrotate_rows<R>(dst, n, d);
   }
-  static const float* rows_f32(const std::byte* page, int first, int n, int d, int page_tokens,
-                               float* scratch) noexcept {
-    decode(page, first, n, d, page_tokens, scratch);
-    return scratch;
-  }
   // Not token granular: the cache re-encodes pages whose rows change (see paged_kv_cache).
   static void copy_rows(const std::byte*, int, std::byte*, int, int, int, int) noexcept {}
 
@@ -216,7 +231,7 @@ struct kivi_channel {
 // KIVI values: token t's channels in groups of Group, one scale and zero per group:
 // [codes P][packed_bytes(d, B)] then [scale f16 P][ng] [zero f16 P][ng], ng = ceil(d / Group).
 template <int Bits, int Group = 32, rotation R = rotation::none>
-struct kivi_token {
+struct kivi_token : detail::qcodec::quantized_base<kivi_token<Bits, Group, R>> {
   static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kivi_token: Bits must be 2, 3, 4 or 8");
   static_assert(Group >= 32 && Group % 32 == 0, "kivi_token: Group must be a positive multiple of 32");
   static constexpr const char* name =
@@ -227,11 +242,7 @@ struct kivi_token {
   static constexpr int bits = Bits;
   static constexpr int group = Group;
   static constexpr rotation rotate = R;
-  static constexpr bool identity = false;
   static constexpr bool token_granular = true;  // each row carries its own parameters
-  static constexpr bool fused = true;
-  static constexpr double relative_error = 0.0;
-  static constexpr double absolute_error = std::numeric_limits<double>::infinity();
   static constexpr double range_error = 0.5 / ((1 << Bits) - 1);
   static constexpr float max_abs = 65504.0f;
 
@@ -272,23 +283,15 @@ struct kivi_token {
                                     Bits, scales(page, page_tokens, d) + g0, zeros(page, page_tokens, d) + g0, dst);
     detail::qcodec::unrotate_rows<R>(dst, n, d);
   }
-  static const float* rows_f32(const std::byte* page, int first, int n, int d, int page_tokens,
-                               float* scratch) noexcept {
-    decode(page, first, n, d, page_tokens, scratch);
-    return scratch;
-  }
   static void copy_rows(const std::byte* src, int src_first, std::byte* dst, int dst_first, int n, int d,
                         int page_tokens) noexcept {
     if (n <= 0) return;
-    std::memmove(dst + static_cast<std::size_t>(dst_first) * row_bytes(d),
-                 src + static_cast<std::size_t>(src_first) * row_bytes(d), static_cast<std::size_t>(n) * row_bytes(d));
-    const std::size_t ng = static_cast<std::size_t>(groups(d)), P = static_cast<std::size_t>(page_tokens);
-    for (std::size_t part = 0; part < 2; ++part) {  // scales, then zeros
-      const std::byte* s = src + params_offset(page_tokens, d) + 2 * part * P * ng;
-      std::byte* t = dst + params_offset(page_tokens, d) + 2 * part * P * ng;
-      std::memmove(t + 2 * static_cast<std::size_t>(dst_first) * ng, s + 2 * static_cast<std::size_t>(src_first) * ng,
-                   2 * static_cast<std::size_t>(n) * ng);
-    }
+    const std::size_t params = 2 * static_cast<std::size_t>(groups(d));  // binary16 bytes a token, each array
+    const std::size_t scales_at = params_offset(page_tokens, d);
+    const std::size_t zeros_at = scales_at + static_cast<std::size_t>(page_tokens) * params;
+    detail::qcodec::move_rows(src, src_first, dst, dst_first, n, 0, row_bytes(d));
+    detail::qcodec::move_rows(src, src_first, dst, dst_first, n, scales_at, params);
+    detail::qcodec::move_rows(src, src_first, dst, dst_first, n, zeros_at, params);
   }
 
   // Fused attention as keys: w[g] = rotated q[g], bias[g][k] = sum of w[g] over group k.
@@ -353,15 +356,11 @@ struct kivi_token {
 // Symmetric int8 per (token, head): scale = max |x| / 127, code = round(x / scale) in
 // [-127, 127]; [codes int8 P][d] then [scale float P].
 template <rotation R = rotation::none>
-struct int8_rows {
+struct int8_rows : detail::qcodec::quantized_base<int8_rows<R>> {
   static constexpr const char* name = R == rotation::none ? "int8" : "int8+hadamard";
   static constexpr int bits = 8;
   static constexpr rotation rotate = R;
-  static constexpr bool identity = false;
   static constexpr bool token_granular = true;
-  static constexpr bool fused = true;
-  static constexpr double relative_error = 0.0;
-  static constexpr double absolute_error = std::numeric_limits<double>::infinity();
   // |x~ - x| <= scale / 2 = max |x| / 254 of its row: range_error of a symmetric range 2 max |x|.
   static constexpr double range_error = 0.25 / 127.0;
   static constexpr float max_abs = std::numeric_limits<float>::max() / 2;
@@ -391,20 +390,11 @@ struct int8_rows {
                                  row_scales(page, page_tokens, d) + first, n, d, dst);
     detail::qcodec::unrotate_rows<R>(dst, n, d);
   }
-  static const float* rows_f32(const std::byte* page, int first, int n, int d, int page_tokens,
-                               float* scratch) noexcept {
-    decode(page, first, n, d, page_tokens, scratch);
-    return scratch;
-  }
   static void copy_rows(const std::byte* src, int src_first, std::byte* dst, int dst_first, int n, int d,
                         int page_tokens) noexcept {
     if (n <= 0) return;
-    const std::size_t ud = static_cast<std::size_t>(d);
-    std::memmove(dst + static_cast<std::size_t>(dst_first) * ud, src + static_cast<std::size_t>(src_first) * ud,
-                 static_cast<std::size_t>(n) * ud);
-    const std::size_t so = scales_offset(page_tokens, d);
-    std::memmove(dst + so + 4 * static_cast<std::size_t>(dst_first), src + so + 4 * static_cast<std::size_t>(src_first),
-                 4 * static_cast<std::size_t>(n));
+    detail::qcodec::move_rows(src, src_first, dst, dst_first, n, 0, static_cast<std::size_t>(d));
+    detail::qcodec::move_rows(src, src_first, dst, dst_first, n, scales_offset(page_tokens, d), sizeof(float));
   }
 
   static void prepare_queries(const std::byte* /*page*/, int d, int /*page_tokens*/, const float* const* q, int nq,
