@@ -9,6 +9,7 @@
 // portable loops are checked.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -115,8 +116,16 @@ const int kQueries[] = {1, 2, 3, 4, 5, 8};
 const int kRows[] = {1, 7, 64};
 const std::size_t kPads[] = {0, 3, 13};  // 0: the last row ends where the buffer ends
 
+// The integer kernels' weight bound L (code_kernels.hpp, "Integer kernels"): d products of
+// a B-bit code and |weight| <= L must sum inside int32.
+int weight_limit(int d, int bits) {
+  const long long lim = 2147483647LL / (static_cast<long long>(d) * ((1 << bits) - 1));
+  return lim < 32767 ? static_cast<int>(lim) : 32767;
+}
+
 // Keys: every out[g][t] within 1e-5 sum_c |w_c| (code + 1) of the sum in double (float
-// rounding of terms of the size of |w| times a code).
+// rounding of terms of the size of |w| times a code); where the integer kernels run, plus
+// their rounding of w: (max_c |w_c| / (2 L)) sum_c code(t, c).
 template <int Bits>
 void check_dot(bool portable, const int* rows_begin, const int* rows_end) {
   Rng rng(1000 + Bits);
@@ -129,21 +138,29 @@ void check_dot(bool portable, const int* rows_begin, const int* rows_end) {
         const std::vector<float> w = uniform(rng, static_cast<std::size_t>(nq) * d, -1.0f, 1.0f);
         std::vector<float> out(static_cast<std::size_t>(nq) * n, -7.0f);
         dot_kernel<Bits>(portable, w.data(), nq, r.bytes.data(), r.stride, n, d, out.data());
-        for (int g = 0; g < nq; ++g)
+        const bool rounds = !portable && kvc::detail::integer_code_kernels<Bits>(d);
+        for (int g = 0; g < nq; ++g) {
+          double wmax = 0.0;
+          for (int c = 0; c < d; ++c) wmax = std::max(wmax, std::fabs(double{w[static_cast<std::size_t>(g) * d + c]}));
           for (int t = 0; t < n; ++t) {
-            double ref = 0.0, mag = 0.0;
+            double ref = 0.0, mag = 0.0, codes = 0.0;
             for (int c = 0; c < d; ++c) {
               const double x = static_cast<double>(w[static_cast<std::size_t>(g) * d + c]) * r.code[t][c];
               ref += x;
               mag += std::fabs(w[static_cast<std::size_t>(g) * d + c]) * (r.code[t][c] + 1);
+              codes += r.code[t][c];
             }
-            ASSERT_NEAR(out[static_cast<std::size_t>(g) * n + t], ref, 1e-5 * mag)
+            const double rounding = rounds ? wmax / (2.0 * weight_limit(d, Bits)) * codes : 0.0;
+            ASSERT_NEAR(out[static_cast<std::size_t>(g) * n + t], ref, 1e-5 * mag + rounding)
                 << "bits " << Bits << " d " << d << " nq " << nq << " n " << n << " g " << g << " t " << t;
           }
+        }
       }
 }
 
-// Values: every acc[g][c] within 1e-5 (|acc0| + sum_t |p| (s (code + 1) + |z|)) of the sum in double.
+// Values: every acc[g][c] within 1e-5 (|acc0| + sum_t |p| (s (code + 1) + |z|)) of the sum in
+// double; where the integer kernels run, plus their rounding of the factors p s: per chunk of
+// 64 rows, query row g and group k, (max_t |p_t s_t,k| / 65534) sum_t code(t, c).
 template <int Bits>
 void check_accumulate(bool portable, const int* rows_begin, const int* rows_end) {
   Rng rng(2000 + Bits);
@@ -164,18 +181,25 @@ void check_accumulate(bool portable, const int* rows_begin, const int* rows_end)
           std::vector<float> acc = acc0;
           accumulate_kernel<Bits>(portable, p.data(), nq, r.bytes.data(), r.stride, n, d, group, s.data(), z.data(),
                                   acc.data());
+          const bool rounds = !portable && kvc::detail::integer_code_kernels<Bits>(d, group);
           for (int g = 0; g < nq; ++g)
             for (int c = 0; c < d; ++c) {
               const std::size_t o = static_cast<std::size_t>(g) * d + c;
-              double ref = acc0[o], mag = std::fabs(acc0[o]);
-              for (int t = 0; t < n; ++t) {
-                const std::size_t k = static_cast<std::size_t>(t) * ng + c / group;
-                const double pv = p[static_cast<std::size_t>(g) * n + t];
-                ref += pv * (static_cast<double>(s[k]) * r.code[t][c] + z[k]);
-                mag += std::fabs(pv) * (s[k] * (r.code[t][c] + 1) + std::fabs(z[k]));
+              double ref = acc0[o], mag = std::fabs(acc0[o]), rounding = 0.0;
+              for (int t0 = 0; t0 < n; t0 += 64) {
+                double amax = 0.0, codes = 0.0;
+                for (int t = t0; t < std::min(n, t0 + 64); ++t) {
+                  const std::size_t k = static_cast<std::size_t>(t) * ng + c / group;
+                  const double pv = p[static_cast<std::size_t>(g) * n + t];
+                  ref += pv * (static_cast<double>(s[k]) * r.code[t][c] + z[k]);
+                  mag += std::fabs(pv) * (s[k] * (r.code[t][c] + 1) + std::fabs(z[k]));
+                  amax = std::max(amax, std::fabs(pv * s[k]));
+                  codes += r.code[t][c];
+                }
+                if (rounds) rounding += amax / 65534.0 * codes;
               }
-              ASSERT_NEAR(acc[o], ref, 1e-5 * mag) << "bits " << Bits << " d " << d << " nq " << nq << " n " << n
-                                                   << " group " << group << " g " << g << " c " << c;
+              ASSERT_NEAR(acc[o], ref, 1e-5 * mag + rounding) << "bits " << Bits << " d " << d << " nq " << nq << " n "
+                                                              << n << " group " << group << " g " << g << " c " << c;
             }
         }
 }
@@ -328,6 +352,32 @@ TEST(CodeKernels, Int8MatchesReference) {
 }
 
 // No query rows or no code rows: nothing is read or written. No channels: the sums are 0.
+// The largest sums the integer kernels form: every code at 2^B - 1 against weights of one
+// sign and equal size (each rounds to the bound L, so d (2^B - 1) L is the int32 sum), d = 256
+// at 8 bits being the tightest case; values over a whole 64-row chunk. The results are the
+// closed forms d (2^B - 1) and 64 (2^B - 1) s p.
+TEST(CodeKernels, FullScaleSumsDoNotOverflow) {
+  for (int d : {256, 128, 32}) {
+    const int n = 64;
+    std::vector<int> top(static_cast<std::size_t>(d), 255);
+    std::vector<std::uint8_t> rows;
+    for (int t = 0; t < n; ++t) {
+      const std::vector<std::uint8_t> r = pack_row(top, 8);
+      rows.insert(rows.end(), r.begin(), r.end());
+    }
+    for (float sign : {1.0f, -1.0f}) {
+      std::vector<float> w(static_cast<std::size_t>(d), sign), out(static_cast<std::size_t>(n));
+      kvc::detail::dot_code_rows<8>(w.data(), 1, rows.data(), static_cast<std::size_t>(d), n, d, out.data());
+      for (int t = 0; t < n; ++t) ASSERT_NEAR(out[static_cast<std::size_t>(t)], sign * 255.0f * d, 1e-6 * 255 * d);
+    }
+    std::vector<float> p(static_cast<std::size_t>(n), 0.5f), s(static_cast<std::size_t>(n), 2.0f),
+        z(static_cast<std::size_t>(n), 0.0f), acc(static_cast<std::size_t>(d), 0.0f);
+    kvc::detail::accumulate_code_rows<8>(p.data(), 1, rows.data(), static_cast<std::size_t>(d), n, d, d, s.data(),
+                                         z.data(), acc.data());
+    for (int c = 0; c < d; ++c) ASSERT_NEAR(acc[static_cast<std::size_t>(c)], 64.0 * 255.0, 1e-6 * 64 * 255);
+  }
+}
+
 TEST(CodeKernels, EmptyCallsWriteNothing) {
   float out[4] = {1.0f, 2.0f, 3.0f, 4.0f};
   float acc[4] = {1.0f, 2.0f, 3.0f, 4.0f};

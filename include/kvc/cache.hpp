@@ -945,7 +945,8 @@ class paged_kv_cache {
     const float sc = scale_;
     if (cnt == 0) return true;
     if (pos[0] > b.max_pos) return false;
-    prefetch_page(next);
+    prefetch_page(next, sealed_.positions, sealed_.bytes);
+    prefetch_page(next, sealed_.keys, sealed_.values);
     const std::byte* kp = base + sealed_.keys;
     const std::byte* vp = base + sealed_.values;
     constexpr int max_run = 8, chunk = 64;
@@ -963,6 +964,7 @@ class paged_kv_cache {
       for (int t0 = 0; t0 < cnt && pos[t0] <= run_max; t0 += chunk) {
         const int T = std::min(chunk, cnt - t0);
         KeyCodec::key_logits(kp, t0, T, d, P, w, bias, len, s);
+        if (r0 == 0 && t0 == 0) prefetch_page(next, sealed_.values, sealed_.positions);
         bool any = false;
         for (int g = 0; g < len; ++g) {
           const int r = r0 + g;
@@ -988,14 +990,24 @@ class paged_kv_cache {
     return true;
   }
 
-  // Hints the sealed payload of page p (if any) into cache while the current one is read.
-  void prefetch_page(page_id p) const noexcept {
+  // Hints bytes [from, to) of sealed page p (if any) into cache while the current page is
+  // read. Fused pages ask for the next one in two parts (positions, weights and keys first;
+  // values once the keys are read), so that fewer requests are in flight at once.
+  void prefetch_page(page_id p, std::size_t from, std::size_t to) const noexcept {
 #if defined(__GNUC__) || defined(__clang__)
     if (p == no_page || pool_.is_open(p)) return;
+    // A prefetch that misses the TLB may be dropped (Zen 3 drops them); the first line of each
+    // 4 KiB page asked for is fetched as for writing, which walks the page table.
     const char* c = reinterpret_cast<const char*>(pool_.data(p));
-    for (std::size_t off = 0; off < sealed_.bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+    for (std::size_t off = from & ~std::size_t{63}; off < to; off += 64) {
+      const char* at = c + off;
+      if (off == (from & ~std::size_t{63}) || (reinterpret_cast<std::uintptr_t>(at) & 4095) == 0)
+        __builtin_prefetch(at, 1, 3);
+      else
+        __builtin_prefetch(at, 0, 3);
+    }
 #else
-    (void)p;
+    (void)p, (void)from, (void)to;
 #endif
   }
 

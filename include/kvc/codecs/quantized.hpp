@@ -31,8 +31,11 @@
 //
 // Attention reads the codes in place (fused, no dequantized copy): the cache calls
 // prepare_queries once per page and run of query rows, key_logits and accumulate_values per
-// chunk of up to 64 tokens
-// (detail/code_kernels.hpp).
+// chunk of up to 64 tokens (detail/code_kernels.hpp). With AVX2, 2-, 4- and 8-bit codes at
+// head_dim 32..256 (a multiple of 32) are multiplied in 16-bit integers: the query times the
+// key scales and the attention weights times the value scales are rounded to 2^-16 of their
+// row's largest term, which moves attention outputs by about 1e-4 relative at most (against
+// 1e-2 to 0.5 for the quantization itself).
 //
 // Error: |x~ - x| <= s / 2 per element of a group (s its step), plus the binary16 rounding of
 // z; relative_error / absolute_error (the per-element contract of codec.hpp) do not bound it,
@@ -207,8 +210,10 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
     detail::half_to_float(zeros(page, d), zf, static_cast<std::size_t>(d));
     for (int g = 0; g < nq; ++g) {
       const float* x = detail::qcodec::rotated<R>(q[g], d, buf);
-      float* wg = w + static_cast<std::size_t>(g) * d;
-      for (int c = 0; c < d; ++c) wg[c] = x[c] * sf[c];
+      // Through a local copy, so that the compiler need not fear that w aliases x.
+      alignas(32) float wl[max_head_dim_rows];
+      for (int c = 0; c < d; ++c) wl[c] = x[c] * sf[c];
+      std::memcpy(w + static_cast<std::size_t>(g) * d, wl, sizeof(float) * static_cast<std::size_t>(d));
       bias[g] = detail::dot(x, zf, d);
     }
   }

@@ -18,14 +18,23 @@
 // int8 symmetric rows (x~ = s_t q, q signed) have the same two kernels with one scale a row.
 //
 // Each kernel takes nq query rows at once (the query heads of a GQA group): every code is
-// unpacked once, into registers, and used for all of them (four at a time), with eight to
-// twelve independent FMA chains. The AVX2 + FMA kernels turn eight 2- or 4-bit codes into
+// unpacked once, into registers, and used for all of them (four at a time).
+//
+// With AVX2, B = 2, 4 and 8 at head_dim a multiple of 32 up to 256 take the integer kernels
+// ("Integer kernels" below): the weights (q s for keys, p s for values) are rounded to 16-bit
+// integers, one scale per query row (and per value group and chunk of 64 rows), and multiplied
+// with the codes widened to 16 bits by VPMADDWD: no conversion of codes to float, sixteen
+// products an instruction. Their results differ from the exact sums by the rounding of the
+// weights, at most 2^-16 of a row's largest weight per code unit (documented there, and
+// tested); integer_code_kernels<Bits>(d, group) says where they run. Otherwise (B = 3, other
+// head_dims, int8's signed codes) the float kernels run, with eight to twelve independent FMA
+// chains. The AVX2 + FMA kernels turn eight 2- or 4-bit codes into
 // floats with a broadcast load, a mask and a conversion, without moving the codes (see
 // "Vectors of codes" below); the resulting lane order and scale are folded into the query
 // rows (keys) or undone once per chunk of rows (values). Rows ahead are prefetched.
-// Results equal the sums in exact arithmetic up to float rounding of terms of magnitude
-// |w| (code + 2^(B-1)) (keys) and |p| (s (code + 2^(B-1)) + |z|) (values); the portable
-// loops give the same sums in another order. Each call prepares its query rows in O(nq d)
+// The float kernels' results equal the sums in exact arithmetic up to float rounding of terms
+// of magnitude |w| (code + 2^(B-1)) (keys) and |p| (s (code + 2^(B-1)) + |z|) (values); the
+// portable loops give the same sums in another order. Each call prepares its query rows in O(nq d)
 // steps, so calls should cover many rows (a page, not a token).
 #pragma once
 
@@ -893,6 +902,421 @@ inline void accumulate_rows_simd(const float* p, int nq, const std::uint8_t* row
 }
 
 }  // namespace avx2
+
+// ---- Integer kernels: B = 2, 4 and 8, d a multiple of 32 up to max_d. The query rows (keys)
+// and the attention weights times the value scales (values) are rounded to 16-bit integers,
+// one scale per query row (keys) or per query row, group and chunk of 64 rows (values), and
+// multiplied with the codes widened to 16 bits by VPMADDWD, the int32 sums added by VPADDD
+// (sixteen products per instruction pair, no conversion of the codes to float). Rounding: a
+// row x gets a = max |x| / L and x_i ~ a round(x_i / a), so |x_i - a round(x_i / a)| <= a / 2
+// (plus float rounding); L = 32767 (values), or for keys the largest L <= 32767 with
+// d (2^B - 1) L inside int32. A key sum is then off by at most (max |w| / (2 L)) sum_c code_c,
+// a value sum by (max_t |p_t s_t| / 65534) sum_t code_t per chunk: 2^-16 of the largest term
+// per code unit, finer than the binary16 the scales are kept in.
+//
+// Units: a row's codes are read sixteen at a time as int16 lanes ("units"), in channel order
+// for B = 4 and 8 (unit u: channels 16 u ..; for B = 4 a block's low nibbles, then its high
+// nibbles). For B = 2 the sixteen bytes of two blocks (i, i + 1) are widened once and unit
+// 4 i' + s (s < 4) is bits 2s, 2s + 1 of each: lanes 0-7 are channels 64 i' + 8 s + l of the
+// first block, lanes 8-15 the same of the second. A row with an odd number of 2-bit blocks
+// has a last pair with one block (its lanes 8-15 read zero).
+namespace avx2i {
+
+inline constexpr int max_d = 256;
+inline constexpr int vchunk = 64;  // rows per value pass (bounds the int32 sums)
+
+template <int Bits>
+constexpr bool supported(int d) noexcept {
+  return (Bits == 2 || Bits == 4 || Bits == 8) && d > 0 && d % 32 == 0 && d <= max_d;
+}
+
+template <int Bits>
+constexpr int units(int d) noexcept {
+  return Bits == 2 ? 4 * ((d / 32 + 1) / 2) : d / 16;
+}
+
+// Channel of lane 0 of unit u and of lane 8 (the second half of eight lanes); -1: no channel.
+template <int Bits>
+constexpr int unit_channel(int d, int u, int half) noexcept {
+  if constexpr (Bits == 2) {
+    const int c = 64 * (u / 4) + 32 * half + 8 * (u % 4);
+    return c < d ? c : -1;
+  } else {
+    return 16 * u + 8 * half;
+  }
+}
+
+// The largest integer weight L for which n products of it and a B-bit code sum inside int32.
+template <int Bits>
+constexpr int weight_limit(int n) noexcept {
+  const long long lim = 2147483647LL / (static_cast<long long>(n > 0 ? n : 1) * ((1 << Bits) - 1));
+  return lim < 32767 ? static_cast<int>(lim) : 32767;
+}
+
+inline float lane_max(__m256 v) noexcept {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// out[i] = round(x[i] / a) for i < n (n a multiple of 16), a = max |x| / L; returns a (0 when
+// every x is 0).
+inline float round_weights(const float* x, int n, int L, std::int16_t* out) noexcept {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  const float m = lane_max(mx);
+  if (!(m > 0.0f)) {
+    std::memset(out, 0, sizeof(std::int16_t) * static_cast<std::size_t>(n));
+    return 0.0f;
+  }
+  const __m256 inv = _mm256_set1_ps(static_cast<float>(L) / m);
+  for (int i = 0; i < n; i += 16) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+  }
+  return m / static_cast<float>(L);
+}
+
+// Query rows in unit order: for B = 2, unit 4 i + s takes channels 64 i + 8 s .. + 8 and
+// 64 i + 32 + 8 s .. + 8 (zero where past d).
+template <int Bits>
+inline void to_unit_order(const std::int16_t* w, int d, std::int16_t* out) noexcept {
+  if constexpr (Bits == 2) {
+    for (int u = 0; u < units<Bits>(d); ++u)
+      for (int h = 0; h < 2; ++h) {
+        const int c = unit_channel<Bits>(d, u, h);
+        if (c >= 0)
+          std::memcpy(out + 16 * u + 8 * h, w + c, 8 * sizeof(std::int16_t));
+        else
+          std::memset(out + 16 * u + 8 * h, 0, 8 * sizeof(std::int16_t));
+      }
+  } else {
+    std::memcpy(out, w, sizeof(std::int16_t) * static_cast<std::size_t>(d));
+  }
+}
+
+inline __m256i widen16(const std::uint8_t* p) noexcept {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i widen8(const std::uint8_t* p) noexcept {
+  return _mm256_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// f(u, c0, c1) for every unit u of rows r0 and r1 (c0, c1: their codes, int16 lanes).
+template <int Bits, class F>
+KVC_CODE_INLINE void for_units(const std::uint8_t* r0, const std::uint8_t* r1, int d, F&& f) noexcept {
+  const int nb = d / 32;
+  if constexpr (Bits == 8) {
+    for (int u = 0; u < 2 * nb; ++u) f(u, widen16(r0 + 16 * u), widen16(r1 + 16 * u));
+  } else if constexpr (Bits == 4) {
+    const __m256i m = _mm256_set1_epi16(15);
+    for (int b = 0; b < nb; ++b) {
+      const __m256i x0 = widen16(r0 + 16 * b), x1 = widen16(r1 + 16 * b);
+      f(2 * b, _mm256_and_si256(x0, m), _mm256_and_si256(x1, m));
+      f(2 * b + 1, _mm256_srli_epi16(x0, 4), _mm256_srli_epi16(x1, 4));
+    }
+  } else {
+    const __m256i m = _mm256_set1_epi16(3);
+    for (int i = 0; 2 * i < nb; ++i) {
+      const bool two = 2 * i + 1 < nb;
+      const __m256i x0 = two ? widen16(r0 + 16 * i) : widen8(r0 + 16 * i);
+      const __m256i x1 = two ? widen16(r1 + 16 * i) : widen8(r1 + 16 * i);
+      f(4 * i, _mm256_and_si256(x0, m), _mm256_and_si256(x1, m));
+      f(4 * i + 1, _mm256_and_si256(_mm256_srli_epi16(x0, 2), m), _mm256_and_si256(_mm256_srli_epi16(x1, 2), m));
+      f(4 * i + 2, _mm256_and_si256(_mm256_srli_epi16(x0, 4), m), _mm256_and_si256(_mm256_srli_epi16(x1, 4), m));
+      f(4 * i + 3, _mm256_srli_epi16(x0, 6), _mm256_srli_epi16(x1, 6));
+    }
+  }
+}
+
+inline __m256i lane_sums8i(__m256i v0, __m256i v1, __m256i v2, __m256i v3, __m256i v4, __m256i v5, __m256i v6,
+                           __m256i v7) noexcept {
+  const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+  const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
+// out[q ns + t] = alpha[q] sum_c wi[q][c] code(t, c) for Q query rows (wi in unit order, ws
+// int16 a row), rows [0, n): two rows at a time, 2 Q accumulators; the sums of eight rows
+// are reduced together.
+template <int Bits, int Q>
+inline void key_rows(const std::int16_t* wi, std::size_t ws, const float* alpha, const std::uint8_t* rows,
+                     std::size_t stride, int n, int d, float* out, std::size_t ns) noexcept {
+  alignas(32) std::int32_t part[Q][8][8];
+  for (int t0 = 0; t0 < n; t0 += 8) {
+    const int T = n - t0 < 8 ? n - t0 : 8;
+    if (t0 + 8 < n) avx2::prefetch_bytes(rows + static_cast<std::size_t>(t0 + 8) * stride, 8 * stride);
+    for (int t = 0; t < T; t += 2) {
+      const std::uint8_t* r0 = rows + static_cast<std::size_t>(t0 + t) * stride;
+      const std::uint8_t* r1 = t + 1 < T ? r0 + stride : r0;
+      __m256i a0[Q], a1[Q];
+      KVC_CODE_UNROLL
+      for (int q = 0; q < Q; ++q) a0[q] = a1[q] = _mm256_setzero_si256();
+      for_units<Bits>(r0, r1, d, [&](int u, __m256i c0, __m256i c1) noexcept {
+        KVC_CODE_UNROLL
+        for (int q = 0; q < Q; ++q) {
+          const __m256i w =
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(wi + q * ws + 16 * static_cast<std::size_t>(u)));
+          a0[q] = _mm256_add_epi32(a0[q], _mm256_madd_epi16(c0, w));
+          a1[q] = _mm256_add_epi32(a1[q], _mm256_madd_epi16(c1, w));
+        }
+      });
+      KVC_CODE_UNROLL
+      for (int q = 0; q < Q; ++q) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(part[q][t]), a0[q]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(part[q][t + 1]), a1[q]);
+      }
+    }
+    for (int q = 0; q < Q; ++q) {
+      const auto v = [&](int t) noexcept {
+        return t < T ? _mm256_load_si256(reinterpret_cast<const __m256i*>(part[q][t])) : _mm256_setzero_si256();
+      };
+      const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(lane_sums8i(v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))),
+                                     _mm256_set1_ps(alpha[q]));
+      float* o = out + q * ns + t0;
+      if (T == 8) {
+        _mm256_storeu_ps(o, s);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, s);
+        std::memcpy(o, tmp, sizeof(float) * static_cast<std::size_t>(T));
+      }
+    }
+  }
+}
+
+template <int Bits>
+inline void dot_rows_int(const float* w, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                         float* out) noexcept {
+  const std::size_t ns = static_cast<std::size_t>(n), ws = 16 * static_cast<std::size_t>(units<Bits>(d));
+  alignas(32) std::int16_t natural[max_d];
+  alignas(32) std::int16_t wi[4 * 16 * units<Bits>(max_d)];
+  float alpha[4];
+  const int L = weight_limit<Bits>(d);
+  for (int q0 = 0; q0 < nq; q0 += 4) {
+    const int Q = nq - q0 < 4 ? nq - q0 : 4;
+    for (int q = 0; q < Q; ++q) {
+      alpha[q] = round_weights(w + static_cast<std::size_t>(q0 + q) * d, d, L, natural);
+      to_unit_order<Bits>(natural, d, wi + q * ws);
+    }
+    float* o = out + q0 * ns;
+    switch (Q) {
+      case 4:
+        key_rows<Bits, 4>(wi, ws, alpha, rows, stride, n, d, o, ns);
+        break;
+      case 3:
+        key_rows<Bits, 3>(wi, ws, alpha, rows, stride, n, d, o, ns);
+        break;
+      case 2:
+        key_rows<Bits, 2>(wi, ws, alpha, rows, stride, n, d, o, ns);
+        break;
+      default:
+        key_rows<Bits, 1>(wi, ws, alpha, rows, stride, n, d, o, ns);
+        break;
+    }
+  }
+}
+
+// Values. For a chunk of T <= vchunk rows, query row q and group k: a_t = p[q][t] s[t][k] is
+// rounded to int16 (scale beta[q][k]); the unit's codes of rows t, t + 1 are interleaved
+// (VPUNPCKLWD / HWD) so that VPMADDWD against the pair (a_t, a_t+1) adds both rows' products
+// per channel; the int32 sums become beta (sum) + sum_t p_t z[t][k] once per chunk.
+struct value_weights {
+  alignas(32) std::int16_t a[4][max_d / 32][vchunk + 16];  // [q][k][t], an even count (0 past T)
+  float beta[4][max_d / 32];
+  float zs[4][max_d / 32];
+};
+
+// Value unit J of a block: sixteen channels 16 J .. 16 J + 15 (B = 8: of the block's
+// half at p; B = 4: its low, then high nibbles; B = 2: lanes 0-7 are bits 4J, 4J + 1 and lanes
+// 8-15 bits 4J + 2, 4J + 3 of the block's eight bytes, read twice by one load).
+template <int Bits, int J>
+KVC_CODE_INLINE __m256i value_unit_at(const std::uint8_t* p) noexcept {
+  if constexpr (Bits == 8) {
+    return widen16(p);
+  } else if constexpr (Bits == 4) {
+    const __m256i x = widen16(p);
+    return J == 0 ? _mm256_and_si256(x, _mm256_set1_epi16(15)) : _mm256_srli_epi16(x, 4);
+  } else {
+    const __m256i x = _mm256_cvtepu8_epi16(_mm_castpd_si128(_mm_loaddup_pd(reinterpret_cast<const double*>(p))));
+    // Shifting 32-bit lanes moves bits of a lane's upper int16 into its lower one, above the
+    // two bits kept.
+    const __m256i y =
+        _mm256_srlv_epi32(x, _mm256_setr_epi32(4 * J, 4 * J, 4 * J, 4 * J, 4 * J + 2, 4 * J + 2, 4 * J + 2, 4 * J + 2));
+    return _mm256_and_si256(y, _mm256_set1_epi16(3));
+  }
+}
+
+// Channels [c, c + 16) (one unit, in one group k) over the rows of a chunk: the int32 sums of
+// rows 2 tp and 2 tp + 1 times their weights, the int16 pair at w[q] + 2 tp; then
+// acc[q][c ..] += beta (sums) + the zero-point sums.
+template <int Bits, int Q, int J>
+KVC_CODE_INLINE void value_unit(const value_weights& vw, const std::uint8_t* at, std::size_t stride, int T, int c,
+                                int k, float* acc, std::size_t ds) noexcept {
+  const int pairs = (T + 1) / 2;
+  __m256i lo[Q], hi[Q];
+  KVC_CODE_UNROLL
+  for (int q = 0; q < Q; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
+  for (int tp = 0; tp < pairs; ++tp) {
+    const std::uint8_t* r0 = at + static_cast<std::size_t>(2 * tp) * stride;
+    const std::uint8_t* r1 = 2 * tp + 1 < T ? r0 + stride : r0;  // weight 0 past T
+    const __m256i x0 = value_unit_at<Bits, J>(r0), x1 = value_unit_at<Bits, J>(r1);
+    const __m256i l = _mm256_unpacklo_epi16(x0, x1), h = _mm256_unpackhi_epi16(x0, x1);
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q) {
+      const __m256i w = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(vw.a[q][k] + 2 * tp)));
+      lo[q] = _mm256_add_epi32(lo[q], _mm256_madd_epi16(l, w));
+      hi[q] = _mm256_add_epi32(hi[q], _mm256_madd_epi16(h, w));
+    }
+  }
+  KVC_CODE_UNROLL
+  for (int q = 0; q < Q; ++q) {
+    // lo holds lanes 0-3 and 8-11 of the unit, hi lanes 4-7 and 12-15.
+    float* o = acc + q * ds + c;
+    const __m256 beta = _mm256_set1_ps(vw.beta[q][k]), zs = _mm256_set1_ps(vw.zs[q][k]);
+    const __m256 x0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo[q], hi[q], 0x20)), beta, zs);
+    const __m256 x1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo[q], hi[q], 0x31)), beta, zs);
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), x0));
+    _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), x1));
+  }
+}
+
+template <int Bits, int Q>
+inline void value_units(const value_weights& vw, const std::uint8_t* rows, std::size_t stride, int T, int d, int group,
+                        float* acc) noexcept {
+  const std::size_t ds = static_cast<std::size_t>(d);
+  for (int b = 0; b < d / 32; ++b) {
+    const std::uint8_t* blk = rows + static_cast<std::size_t>(b) * 4 * Bits;
+    const int k = 32 * b / group;
+    value_unit<Bits, Q, 0>(vw, blk, stride, T, 32 * b, k, acc, ds);
+    if constexpr (Bits == 8)
+      value_unit<Bits, Q, 0>(vw, blk + 16, stride, T, 32 * b + 16, k, acc, ds);
+    else
+      value_unit<Bits, Q, 1>(vw, blk, stride, T, 32 * b + 16, k, acc, ds);
+  }
+}
+
+// dst[k][t] = src[t ng + k] for t < T8 (a multiple of 8; the rows past T are zero already
+// in src's caller's view: they are read, so src must hold T8 rows) and k < ng.
+inline void transpose_params(const float* src, int T8, int ng, float (*dst)[vchunk]) noexcept {
+  if (ng == 1) {
+    std::memcpy(dst[0], src, sizeof(float) * static_cast<std::size_t>(T8));
+  } else if (ng == 4) {  // eight rows of four groups: four vectors, transposed in registers
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int t = 0; t < T8; t += 8) {
+      const float* at = src + 4 * t;
+      const __m256 v0 = _mm256_loadu_ps(at), v1 = _mm256_loadu_ps(at + 8), v2 = _mm256_loadu_ps(at + 16),
+                   v3 = _mm256_loadu_ps(at + 24);
+      const __m256 a0 = _mm256_unpacklo_ps(v0, v1), a1 = _mm256_unpackhi_ps(v0, v1);
+      const __m256 a2 = _mm256_unpacklo_ps(v2, v3), a3 = _mm256_unpackhi_ps(v2, v3);
+      // Lanes hold rows 0, 2, 4, 6, 1, 3, 5, 7: put them in order.
+      _mm256_storeu_ps(dst[0] + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a0, a2, 0x44), order));
+      _mm256_storeu_ps(dst[1] + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a0, a2, 0xEE), order));
+      _mm256_storeu_ps(dst[2] + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a1, a3, 0x44), order));
+      _mm256_storeu_ps(dst[3] + t, _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a1, a3, 0xEE), order));
+    }
+  } else {
+    for (int t = 0; t < T8; ++t)
+      for (int k = 0; k < ng; ++k) dst[k][t] = src[static_cast<std::size_t>(t) * ng + k];
+  }
+}
+
+// The factors of a chunk for Q query rows: p [q][ns] from column t0, scale / zero [t][ng].
+inline void value_factors_int(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
+                              const float* zero, value_weights& vw) noexcept {
+  alignas(32) float st[max_d / 32][vchunk], zt[max_d / 32][vchunk], a[vchunk];
+  alignas(32) float pad[2][8 * (max_d / 32)];
+  const int T8 = (T + 7) & ~7, full = T & ~7;
+  const std::size_t gs = static_cast<std::size_t>(ng);
+  // Rows past T read as zero: the last partial eight rows go through a zero-padded copy.
+  const auto params = [&](const float* src, float(*dst)[vchunk], float* tmp) noexcept {
+    const float* at = src + static_cast<std::size_t>(t0) * gs;
+    transpose_params(at, full, ng, dst);
+    if (full < T) {
+      std::memset(tmp, 0, sizeof(float) * 8 * gs);
+      std::memcpy(tmp, at + static_cast<std::size_t>(full) * gs,
+                  sizeof(float) * static_cast<std::size_t>(T - full) * gs);
+      float(*tail)[vchunk] = reinterpret_cast<float(*)[vchunk]>(&dst[0][full]);
+      transpose_params(tmp, 8, ng, tail);
+    }
+  };
+  params(scale, st, pad[0]);
+  if (zero != nullptr) params(zero, zt, pad[1]);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int q = 0; q < Q; ++q) {
+    const float* pq = p + static_cast<std::size_t>(q) * ns + t0;
+    for (int k = 0; k < ng; ++k) {
+      __m256 zsum = _mm256_setzero_ps(), mx = _mm256_setzero_ps();
+      for (int t = 0; t < T8; t += 8) {
+        const __m256 pv = t + 8 <= T ? _mm256_loadu_ps(pq + t)
+                                     : _mm256_maskload_ps(pq + t, _mm256_cmpgt_epi32(_mm256_set1_epi32(T - t), lanes));
+        const __m256 av = _mm256_mul_ps(pv, _mm256_load_ps(st[k] + t));
+        _mm256_store_ps(a + t, av);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(av, abs_mask));
+        if (zero != nullptr) zsum = _mm256_fmadd_ps(pv, _mm256_load_ps(zt[k] + t), zsum);
+      }
+      std::int16_t* out = vw.a[q][k];
+      const float m = lane_max(mx);
+      if (!(m > 0.0f)) {
+        std::memset(out, 0, sizeof(std::int16_t) * static_cast<std::size_t>(T8 + 2));
+        vw.beta[q][k] = 0.0f;
+      } else {
+        const __m256 inv = _mm256_set1_ps(32767.0f / m);
+        for (int t = 0; t < T8; t += 8) {
+          const __m128i r = _mm256_castsi256_si128(_mm256_permute4x64_epi64(
+              _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(a + t), inv)), _mm256_setzero_si256()),
+              0xD8));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + t), r);
+        }
+        out[T] = 0;  // the partner of an odd last row
+        vw.beta[q][k] = m / 32767.0f;
+      }
+      vw.zs[q][k] = avx2::lane_sum(zsum);
+    }
+  }
+}
+
+template <int Bits>
+inline void accumulate_rows_int(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                                int group, const float* scale, const float* zero, float* acc) noexcept {
+  const std::size_t ds = static_cast<std::size_t>(d), ns = static_cast<std::size_t>(n);
+  const int g = group < d ? group : d;
+  const int ng = (d + g - 1) / g;
+  value_weights vw;
+  for (int t0 = 0; t0 < n; t0 += vchunk) {
+    const int T = n - t0 < vchunk ? n - t0 : vchunk;
+    const std::uint8_t* chunk = rows + static_cast<std::size_t>(t0) * stride;
+    if (t0 + vchunk < n) {
+      const int Tn = n - t0 - vchunk < vchunk ? n - t0 - vchunk : vchunk;
+      avx2::prefetch_bytes(chunk + vchunk * stride, static_cast<std::size_t>(Tn) * stride);
+    }
+    for (int q0 = 0; q0 < nq; q0 += 4) {
+      const int Q = nq - q0 < 4 ? nq - q0 : 4;
+      value_factors_int(p + q0 * ns, ns, Q, t0, T, ng, scale, zero, vw);
+      float* aq = acc + q0 * ds;
+      switch (Q) {
+        case 4:
+          value_units<Bits, 4>(vw, chunk, stride, T, d, g, aq);
+          break;
+        case 3:
+          value_units<Bits, 3>(vw, chunk, stride, T, d, g, aq);
+          break;
+        case 2:
+          value_units<Bits, 2>(vw, chunk, stride, T, d, g, aq);
+          break;
+        default:
+          value_units<Bits, 1>(vw, chunk, stride, T, d, g, aq);
+          break;
+      }
+    }
+  }
+}
+
+}  // namespace avx2i
 #endif  // KVC_CODE_KERNELS_AVX2
 
 template <int Bits, bool Signed>
@@ -901,6 +1325,12 @@ inline void dot_rows(const float* w, int nq, const std::uint8_t* rows, std::size
   check_kind<Bits, Signed>();
   if (nq <= 0 || n <= 0) return;
 #if KVC_CODE_KERNELS_AVX2
+  if constexpr (!Signed && Bits != 3) {
+    if (avx2i::supported<Bits>(d)) {
+      avx2i::dot_rows_int<Bits>(w, nq, rows, stride, n, d, out);
+      return;
+    }
+  }
   avx2::dot_rows_simd<Bits, Signed>(w, nq, rows, stride, n, d, out);
 #else
   dot_rows_portable<Bits, Signed>(w, nq, rows, stride, n, d, out);
@@ -913,6 +1343,12 @@ inline void accumulate_rows(const float* p, int nq, const std::uint8_t* rows, st
   check_kind<Bits, Signed>();
   if (nq <= 0 || n <= 0 || d <= 0) return;
 #if KVC_CODE_KERNELS_AVX2
+  if constexpr (!Signed && Bits != 3) {
+    if (avx2i::supported<Bits>(d) && (group % 32 == 0 || group >= d)) {
+      avx2i::accumulate_rows_int<Bits>(p, nq, rows, stride, n, d, group, scale, zero, acc);
+      return;
+    }
+  }
   // Every aligned run of eight channels must lie in one group.
   if (group % 8 == 0 || group >= d) {
     avx2::accumulate_rows_simd<Bits, Signed>(p, nq, rows, stride, n, d, group < d ? group : d, scale, zero, acc);
@@ -923,6 +1359,20 @@ inline void accumulate_rows(const float* p, int nq, const std::uint8_t* rows, st
 }
 
 }  // namespace code_kernel
+
+// True where dot_code_rows<Bits> (group 0) or accumulate_code_rows<Bits> (group > 0) at
+// head_dim d run the integer kernels, which round their float weights to 16 bits (see
+// "Integer kernels" above): B = 2, 4, 8, d a multiple of 32 up to 256, value groups a
+// multiple of 32 (or d or more), AVX2.
+template <int Bits>
+constexpr bool integer_code_kernels(int d, int group = 0) noexcept {
+#if KVC_CODE_KERNELS_AVX2
+  return code_kernel::avx2i::supported<Bits>(d) && (group <= 0 || group % 32 == 0 || group >= d);
+#else
+  (void)d, (void)group;
+  return false;
+#endif
+}
 
 // out[g n_rows + t] = sum_c w[g d + c] code(t, c) for g < nq, t < n_rows: w are nq query
 // rows of d channels with the per-channel key scale folded in, code(t, c) is code c of the
