@@ -423,6 +423,8 @@ BENCHMARK_TEMPLATE(BM_attend, kvc::codec::int8)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<8>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<4>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<2>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::gear<kvc::codec::kivi<4>>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::gear<kvc::codec::kivi<2>>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f32)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f16)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::bf16)->Apply(append_args);

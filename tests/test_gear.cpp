@@ -19,8 +19,12 @@
 
 #include <kvc/codecs/detail/gear.hpp>
 
+#include "gear_helpers.hpp"
+
 namespace {
 
+using gear_test::fit;
+using gear_test::frob_diff;
 using kvc::detail::float_to_half_scalar;
 using kvc::detail::gear_apply;
 using kvc::detail::gear_apply_rows;
@@ -83,24 +87,7 @@ std::vector<float> quant_dequant(const std::vector<float>& x, int n, int d, int 
   return out;
 }
 
-double frob_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double acc = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double t = static_cast<double>(a[i]) - b[i];
-    acc += t * t;
-  }
-  return std::sqrt(acc);
-}
-
 double frob(const std::vector<float>& a) { return frob_diff(a, std::vector<float>(a.size(), 0.0f)); }
-
-// Fits the correction of e [n][d]; returns the stored bytes.
-std::vector<std::byte> fit(const std::vector<float>& e, int n, int d, const gear_params& p) {
-  std::vector<float> scratch(gear_scratch_floats(n, d, p));
-  std::vector<std::byte> out(gear_bytes(n, d, p));
-  gear_fit(e.data(), n, d, p, scratch.data(), out.data());
-  return out;
-}
 
 // The correction alone: S + A B^T as floats [n][d].
 std::vector<float> correction(const std::vector<float>& e, int n, int d, const gear_params& p) {

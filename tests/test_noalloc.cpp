@@ -243,6 +243,8 @@ TEST(NoAlloc, HotPathsF16) { run_hot_paths<kvc::codec::f16>(); }
 TEST(NoAlloc, HotPathsF32) { run_hot_paths<kvc::codec::f32>(); }
 // bf16 seals by encoding, like f16, through the bfloat16 conversion.
 TEST(NoAlloc, HotPathsBF16) { run_hot_paths<kvc::codec::bf16>(); }
+// gear<kivi<2>> seals and re-encodes with the cache's encode scratch, and attends on the codes.
+TEST(NoAlloc, HotPathsGear) { run_hot_paths<kvc::codec::gear<kvc::codec::kivi<2>>>(); }
 
 }  // namespace
 

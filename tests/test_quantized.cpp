@@ -17,106 +17,14 @@
 #include <kvc/kvc.hpp>
 
 #include "policy_helpers.hpp"
-#include "reference/dense_attention.hpp"
+#include "quantized_helpers.hpp"
 
 namespace {
 
 using kvc::codec::rotation;
-
-std::size_t align8(std::size_t n) { return (n + 7) / 8 * 8; }
-std::size_t align64(std::size_t n) { return (n + 63) / 64 * 64; }
-
-constexpr int layers = 1, kv_heads = 2, group = 4;
-
-kvc::cache_config config(int d, int page_tokens, int max_context = 4096) {
-  kvc::cache_config c = policy_test::make_config({layers, kv_heads * group, kv_heads, d}, page_tokens, max_context);
-  c.capacity_bytes = std::size_t{32} << 20;
-  return c;
-}
-
-// n tokens [n][kv_heads][d]: Gaussian keys with two channels 10 times larger (the outlier
-// channels KIVI quantizes per channel for), Gaussian values, positions 0..n-1.
-struct tokens {
-  int n, d;
-  std::vector<float> k, v;
-  std::vector<std::int32_t> pos;
-  tokens(int n_, int d_, unsigned seed) : n(n_), d(d_) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> normal;
-    k.resize(static_cast<std::size_t>(n) * kv_heads * d);
-    v.resize(k.size());
-    for (std::size_t i = 0; i < k.size(); ++i) {
-      const std::size_t c = i % static_cast<std::size_t>(d);
-      k[i] = normal(rng) * (c == 3 || c == 17 ? 10.0f : 1.0f);
-      v[i] = normal(rng);
-    }
-    for (int i = 0; i < n; ++i) pos.push_back(i);
-  }
-};
-
-// Relative L2 distance.
-double rel(const std::vector<float>& a, const std::vector<double>& ref) {
-  double e = 0, r = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    e += (a[i] - ref[i]) * (a[i] - ref[i]);
-    r += ref[i] * ref[i];
-  }
-  return std::sqrt(e / r);
-}
-
-// Queries [n_q][kv_heads * group][d] at positions `at`.
-std::vector<float> queries(int n_q, int d, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 0.3f);
-  std::vector<float> q(static_cast<std::size_t>(n_q) * kv_heads * group * d);
-  for (float& x : q) x = normal(rng);
-  return q;
-}
-
-// The reference over what a cache holds (its decoded rows) or over the float tokens given.
-template <class Cache>
-std::vector<kvc_ref::kv_stream> decoded(const Cache& cache, kvc::seq_id s) {
-  std::vector<kvc_ref::kv_stream> kv(kv_heads);
-  for (int h = 0; h < kv_heads; ++h) {
-    auto view = cache.view(s, 0, h);
-    EXPECT_TRUE(view.ok());
-    const auto k = view->keys();
-    const auto v = view->values();
-    kv[static_cast<std::size_t>(h)].keys.assign(k.data(), k.data() + k.size());
-    kv[static_cast<std::size_t>(h)].values.assign(v.data(), v.data() + v.size());
-    kv[static_cast<std::size_t>(h)].positions = view->positions();
-    const std::vector<float> w = view->log_weights();
-    kv[static_cast<std::size_t>(h)].log_weights.assign(w.begin(), w.end());
-  }
-  return kv;
-}
-
-template <class Cache>
-std::vector<float> attend(Cache& cache, kvc::seq_id s, const std::vector<float>& q,
-                          const std::vector<std::int32_t>& qpos) {
-  std::vector<float> out(q.size());
-  const kvc::status st = cache.attend(s, 0, q.data(), qpos.data(), static_cast<std::int64_t>(qpos.size()), out.data());
-  EXPECT_TRUE(st.ok()) << st.message();
-  return out;
-}
-
-std::vector<double> reference(const std::vector<float>& q, const std::vector<std::int32_t>& qpos, int d,
-                              const std::vector<kvc_ref::kv_stream>& kv) {
-  return kvc_ref::dense_attention(std::vector<double>(q.begin(), q.end()), qpos, kv_heads * group, d, kv);
-}
-
-// Keep-all-but policy: drops the tokens whose seeded hash falls below `drop` (the random
-// scorer with a uniform budget, as a scorer that does not look at the keys).
-auto drop_fraction(double drop, unsigned seed) {
-  return kvc::evict(kvc::score::random{seed}, kvc::budget::uniform::keep_fraction(1.0 - drop));
-}
+using namespace quantized_test;
 
 // Every codec under test, as a (key codec, value codec) pair.
-template <class K, class V>
-struct pair {
-  using key = K;
-  using value = V;
-};
 using codec_pairs =
     ::testing::Types<pair<kvc::codec::kivi<2>, kvc::codec::kivi<2>>, pair<kvc::codec::kivi<4>, kvc::codec::kivi<4>>,
                      pair<kvc::codec::kivi<8>, kvc::codec::kivi<8>>, pair<kvc::codec::kivi<2>, kvc::codec::kivi<4>>,
@@ -197,49 +105,10 @@ TYPED_TEST(QuantizedCache, StreamingAppendsEncodeLikeOneCall) {
 
 // ---------------------------------------------------------------- attention
 
-// Whether attention on codec C at head_dim d runs the integer code kernels, which round the
-// query rows times the key scales and the attention weights times the value scales to 16
-// bits (2^-16 of each row's largest term; code_kernels.hpp, "Integer kernels").
-template <class C>
-bool integer_kernels(int d) {
-  return std::string(C::name).rfind("kivi", 0) == 0 && kvc::detail::integer_code_kernels<C::bits>(d, 32);
-}
-
-// attend() computes q.k and p.v from the codes page by page (codec key_logits and
-// accumulate_values); the result equals softmax attention in double over the rows the
-// cache decodes, for a decode query and a causal block of 24 queries (several GQA runs),
-// over full, partial and compacted pages: within 2e-6 (float rounding) where the float
-// kernels run; where the integer kernels run, their 16-bit rounding of q s and p s passes
-// through the softmax and the weighted sum of values, whose terms mostly cancel (|o| is a
-// tenth of a typical |v| here), and the bound is 4e-4 (2^-16 times that cancellation and the
-// sum over up to 300 tokens; measured 0.6-1.5e-4).
+// attend() on the codes equals attention in double over the decoded rows (quantized_helpers.hpp).
 TYPED_TEST(QuantizedCache, FusedAttendEqualsAttentionOverDecodedRows) {
-  using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
-  for (int d : {64, 128}) {
-    SCOPED_TRACE("head_dim " + std::to_string(d));
-    const double tol =
-        integer_kernels<typename TypeParam::key>(d) || integer_kernels<typename TypeParam::value>(d) ? 4e-4 : 2e-6;
-    const tokens t(300, d, 21);
-    cache_t cache = policy_test::make_cache<cache_t>(config(d, 32));
-    const kvc::seq_id s = cache.create_sequence();
-    ASSERT_TRUE(cache.append(s, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
-    for (int round = 0; round < 2; ++round) {
-      const std::vector<float> q1 = queries(1, d, 3);
-      const std::vector<std::int32_t> p1{t.n};
-      EXPECT_LT(rel(attend(cache, s, q1, p1), reference(q1, p1, d, decoded(cache, s))), tol);
-      const std::vector<float> qb = queries(24, d, 4);
-      std::vector<std::int32_t> pb;
-      for (int i = 0; i < 24; ++i) pb.push_back(150 + 6 * i);  // sees part of the stream
-      EXPECT_LT(rel(attend(cache, s, qb, pb), reference(qb, pb, d, decoded(cache, s))), tol);
-      ASSERT_TRUE(cache.compress(s, drop_fraction(0.3, 11)).ok());  // then on compacted pages
-    }
-  }
+  fused_attend_equals_attention_over_decoded_rows<typename TypeParam::key, typename TypeParam::value>();
 }
-
-template <class T>
-struct tag {
-  using type = T;
-};
 
 // Against the dense float cache holding the same tokens: the attention-output error of each
 // codec stays within the per-element value error bound of its width for Gaussian data

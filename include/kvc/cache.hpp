@@ -212,6 +212,10 @@ class paged_kv_cache {
     c.pool_ = page_pool(config.capacity_bytes, open.bytes, sealed.bytes);
     c.page_count_.assign(slots, 0);
     c.workspace_ = workspace(c.config_.workspace_bytes);
+    c.encode_scratch_.assign(
+        std::max(detail::encode_scratch_floats_of<KeyCodec>(config.page_tokens, config.shape.head_dim),
+                 detail::encode_scratch_floats_of<ValueCodec>(config.page_tokens, config.shape.head_dim)),
+        0.0f);
     c.locks_ = std::make_unique<detail::cache_locks>();
     c.scale_ = 1.0f / std::sqrt(static_cast<float>(config.shape.head_dim));
     return result<paged_kv_cache>(std::move(c));
@@ -952,7 +956,9 @@ class paged_kv_cache {
     constexpr int max_run = 8, chunk = 64;
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     alignas(64) float w[max_run * max_head_dim];
-    float bias[max_run * (max_head_dim / 32 + 1)];
+    constexpr int bias_row = KeyCodec::bias_floats(max_head_dim);  // the most any head_dim takes
+    KVC_ASSERT(KeyCodec::bias_floats(d) <= bias_row);
+    alignas(64) float bias[max_run * bias_row];
     alignas(64) float s[max_run * chunk];
     for (int r0 = 0; r0 < b.n;) {
       int len = 1;
@@ -1244,8 +1250,10 @@ class paged_kv_cache {
       KVC_ASSERT(q != no_page);
       const std::byte* src = pool_.data(p);
       std::byte* dst = pool_.data(q);
-      KeyCodec::encode(reinterpret_cast<const float*>(src + open_.keys), P, d, P, dst + sealed_.keys);
-      ValueCodec::encode(reinterpret_cast<const float*>(src + open_.values), P, d, P, dst + sealed_.values);
+      detail::encode_page<KeyCodec>(reinterpret_cast<const float*>(src + open_.keys), P, d, P, dst + sealed_.keys,
+                                    encode_scratch_.data());
+      detail::encode_page<ValueCodec>(reinterpret_cast<const float*>(src + open_.values), P, d, P, dst + sealed_.values,
+                                      encode_scratch_.data());
       std::memcpy(dst + sealed_.positions, src + open_.positions, sizeof(std::int32_t) * static_cast<std::size_t>(P));
       std::memcpy(dst + sealed_.log_weights, src + open_.log_weights, sizeof(float) * static_cast<std::size_t>(P));
       page_count_[static_cast<std::size_t>(q)] = P;
@@ -1398,10 +1406,11 @@ class paged_kv_cache {
   void reencode(page_id p, int n, const float* rebuild) noexcept {
     const int d = shape().head_dim, P = config_.page_tokens;
     std::byte* base = pool_.data(p);
-    if constexpr (reencode_keys) KeyCodec::encode(rebuild, n, d, P, base + sealed_.keys);
+    if constexpr (reencode_keys)
+      detail::encode_page<KeyCodec>(rebuild, n, d, P, base + sealed_.keys, encode_scratch_.data());
     if constexpr (reencode_values)
-      ValueCodec::encode(rebuild + static_cast<std::size_t>(P) * static_cast<std::size_t>(d), n, d, P,
-                         base + sealed_.values);
+      detail::encode_page<ValueCodec>(rebuild + static_cast<std::size_t>(P) * static_cast<std::size_t>(d), n, d, P,
+                                      base + sealed_.values, encode_scratch_.data());
   }
 
   void compact_open(page_id src, page_id dst, const std::uint8_t* keep) noexcept {
@@ -1427,6 +1436,9 @@ class paged_kv_cache {
   std::vector<std::unique_ptr<detail::sequence>> seqs_;
   std::vector<std::size_t> free_slots_;
   workspace workspace_;
+  // Working memory of codecs whose encode takes scratch (codec.hpp), for seal() and
+  // compaction's re-encoding; both run under the pool lock, which guards it.
+  std::vector<float> encode_scratch_;
   std::unique_ptr<detail::cache_locks> locks_;
   float scale_ = 1.0f;
 };

@@ -16,6 +16,7 @@
 #include "kvc/codecs/codec.hpp"
 #include "kvc/codecs/f16.hpp"
 #include "kvc/codecs/f32.hpp"
+#include "kvc/codecs/gear.hpp"
 #include "kvc/codecs/quantized.hpp"
 #include "kvc/config.hpp"
 #include "kvc/io/npy.hpp"

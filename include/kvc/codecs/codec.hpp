@@ -12,6 +12,7 @@
 //   max_abs                       the largest magnitude the codec can represent
 //   page_bytes(page_tokens, head_dim)                  payload bytes of one sealed page
 //   encode(src, n, head_dim, page_tokens, page)        rows [0, n) of a page from float [n][head_dim]
+//        (or the form with scratch, below)
 //   decode(page, first, n, head_dim, page_tokens, dst) rows [first, first + n) into float [n][head_dim]
 //   rows_f32(page, first, n, head_dim, page_tokens, scratch)
 //        float rows [first, first + n): a pointer into the page when identity, else
@@ -30,12 +31,21 @@
 //                                       out[g * T + t] = q_g . k~_{first + t}, T <= 64
 //        accumulate_values(page, first, T, head_dim, page_tokens, p, nq, acc)
 //                                       acc[g * head_dim + c] += sum_t p[g * T + t] v~_{first + t, c}, T <= 64
+//        bias_floats(head_dim)          constexpr, not decreasing in head_dim: the cache sizes
+//                                       bias for max_head_dim
 //   token_granular = false            rows of a sealed page cannot move alone (they share
 //        parameters): compaction decodes the kept rows of each changed page and encodes
 //        them again (copy_rows is then never called)
 //   key, value                        member types: a codec pair (codec::kivi) whose `key`
 //        type is used when it is paged_kv_cache's key codec and `value` when it is the
 //        value codec
+//   encode_scratch_floats(page_tokens, head_dim), with
+//        encode(src, n, head_dim, page_tokens, page, scratch)
+//                                       a codec whose encoding needs float working memory
+//        (codec::gear) takes scratch [encode_scratch_floats(...)] (contents irrelevant) from
+//        the caller; it may provide this form instead of the one without scratch. The cache
+//        owns one such buffer, sized at create() for its key and value codecs, and encodes
+//        under its pool lock (detail::encode_page below; detail::encode_scratch_floats_of).
 #pragma once
 
 #include <cstddef>
@@ -60,6 +70,51 @@ struct elements_of : std::integral_constant<element_type, element_type::none> {}
 template <class T>
 struct elements_of<T, std::void_t<decltype(T::elements)>> : std::integral_constant<element_type, T::elements> {};
 
+// T::encode(src, n, head_dim, page_tokens, page): encoding without scratch.
+template <class T, class = void>
+struct plain_encode : std::false_type {};
+template <class T>
+struct plain_encode<
+    T, std::void_t<decltype(T::encode(static_cast<const float*>(nullptr), 0, 1, 1, static_cast<std::byte*>(nullptr)))>>
+    : std::true_type {};
+
+// T::encode_scratch_floats(page_tokens, head_dim) and T::encode(..., page, scratch).
+template <class T, class = void>
+struct scratch_encode : std::false_type {};
+template <class T>
+struct scratch_encode<T,
+                      std::void_t<decltype(T::encode_scratch_floats(1, 1)),
+                                  decltype(T::encode(static_cast<const float*>(nullptr), 0, 1, 1,
+                                                     static_cast<std::byte*>(nullptr), static_cast<float*>(nullptr)))>>
+    : std::true_type {};
+
+template <class T>
+inline constexpr bool scratch_encode_v = scratch_encode<T>::value;
+
+// Scratch floats C's encode needs for a page (0 for codecs that need none).
+template <class C>
+inline std::size_t encode_scratch_floats_of(int page_tokens, int head_dim) noexcept {
+  if constexpr (scratch_encode_v<C>) {
+    return static_cast<std::size_t>(C::encode_scratch_floats(page_tokens, head_dim));
+  } else {
+    (void)page_tokens, (void)head_dim;
+    return 0;
+  }
+}
+
+// Encodes rows [0, n) of a page with C, passing scratch (encode_scratch_floats_of floats)
+// to codecs that take it.
+template <class C>
+inline void encode_page(const float* src, int n, int head_dim, int page_tokens, std::byte* page,
+                        float* scratch) noexcept {
+  if constexpr (scratch_encode_v<C>) {
+    C::encode(src, n, head_dim, page_tokens, page, scratch);
+  } else {
+    (void)scratch;
+    C::encode(src, n, head_dim, page_tokens, page);
+  }
+}
+
 template <class T, class = void>
 struct is_codec_impl : std::false_type {};
 
@@ -68,7 +123,7 @@ struct is_codec_impl<
     T,
     std::void_t<decltype(T::name), decltype(T::identity), decltype(T::token_granular), decltype(T::relative_error),
                 decltype(T::absolute_error), decltype(T::max_abs), decltype(T::page_bytes(1, 1)),
-                decltype(T::encode(static_cast<const float*>(nullptr), 0, 1, 1, static_cast<std::byte*>(nullptr))),
+                std::enable_if_t<plain_encode<T>::value || scratch_encode<T>::value>,
                 decltype(T::decode(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
                 decltype(T::rows_f32(static_cast<const std::byte*>(nullptr), 0, 0, 1, 1, static_cast<float*>(nullptr))),
                 decltype(T::copy_rows(static_cast<const std::byte*>(nullptr), 0, static_cast<std::byte*>(nullptr), 0, 0,

@@ -91,12 +91,27 @@ inline std::size_t gear_rank(const gear_params& p) noexcept {
   return p.rank > 0 ? static_cast<std::size_t>(p.rank) : 0u;
 }
 
-// Exact stored bytes: k * (index + 2) for the sparse part, (n + d) * r * 2 for A and B.
-inline std::size_t gear_bytes(int n, int d, const gear_params& p) noexcept {
-  const std::size_t k = gear_outliers(n, d, p);
-  return k * (gear_index_bytes(n, d) + 2u) +
-         (static_cast<std::size_t>(n) + static_cast<std::size_t>(d)) * gear_rank(p) * 2u;
+// The sections of a stored correction of an [n][d] block (layout above): byte offsets of
+// the values, A and B^T from the start, and the total.
+struct gear_sections {
+  std::size_t k = 0, index_bytes = 2, rank = 0;
+  std::size_t values = 0, a = 0, bt = 0, bytes = 0;
+};
+
+inline gear_sections gear_sections_of(int n, int d, const gear_params& p) noexcept {
+  gear_sections s;
+  s.k = gear_outliers(n, d, p);
+  s.index_bytes = gear_index_bytes(n, d);
+  s.rank = gear_rank(p);
+  s.values = s.k * s.index_bytes;
+  s.a = s.values + 2u * s.k;
+  s.bt = s.a + 2u * static_cast<std::size_t>(n) * s.rank;
+  s.bytes = s.bt + 2u * static_cast<std::size_t>(d) * s.rank;
+  return s;
 }
+
+// Exact stored bytes: k * (index + 2) for the sparse part, (n + d) * r * 2 for A and B.
+inline std::size_t gear_bytes(int n, int d, const gear_params& p) noexcept { return gear_sections_of(n, d, p).bytes; }
 
 // Scratch floats gear_fit needs: R [n][d] (first |E| for the selection), Q [r][d], P [r][n].
 inline std::size_t gear_scratch_floats(int n, int d, const gear_params& p) noexcept {
@@ -120,6 +135,21 @@ inline std::uint32_t gear_load_index(const std::byte* p, std::size_t bytes) noex
   std::uint32_t v = 0;
   for (std::size_t b = 0; b < bytes; ++b) v |= static_cast<std::uint32_t>(p[b]) << (8 * b);
   return v;
+}
+
+// The first of the k stored indices (ascending, `bytes` each) that is >= lo; k if none. The
+// entries of rows [first, first + m) of the block are those from gear_first_index(.., first * d)
+// up to the first index >= (first + m) * d.
+inline std::size_t gear_first_index(const std::byte* idx, std::size_t bytes, std::size_t k, std::size_t lo) noexcept {
+  std::size_t a = 0, b = k;
+  while (a < b) {
+    const std::size_t mid = a + (b - a) / 2;
+    if (gear_load_index(idx + mid * bytes, bytes) < lo)
+      a = mid + 1;
+    else
+      b = mid;
+  }
+  return a;
 }
 
 // f16 with saturation to the largest finite value instead of infinity.
@@ -241,13 +271,12 @@ inline void gear_fit(const float* residual, int n, int d, const gear_params& p, 
   const std::size_t un = static_cast<std::size_t>(n), ud = static_cast<std::size_t>(d);
   const std::size_t total = un * ud;
   KVC_ASSERT(static_cast<std::uint64_t>(total) <= (std::uint64_t{1} << 32));
-  const std::size_t k = gear_outliers(n, d, p);
-  const std::size_t ib = gear_index_bytes(n, d);
-  const std::size_t r = gear_rank(p);
+  const gear_sections sec = gear_sections_of(n, d, p);
+  const std::size_t k = sec.k, ib = sec.index_bytes, r = sec.rank;
   std::byte* idx_out = out;
-  std::byte* val_out = idx_out + k * ib;
-  std::byte* a_out = val_out + 2 * k;
-  std::byte* bt_out = a_out + 2 * un * r;
+  std::byte* val_out = out + sec.values;
+  std::byte* a_out = out + sec.a;
+  std::byte* bt_out = out + sec.bt;
   float* rm = scratch;  // [n][d]: |E| for the selection, then R = E - S
 
   if (k > 0) {
@@ -291,14 +320,13 @@ inline void gear_fit(const float* residual, int n, int d, const gear_params& p, 
 inline void gear_apply_rows(const std::byte* in, int n, int d, const gear_params& p, int first, int count,
                             float* rows) noexcept {
   KVC_ASSERT(first >= 0 && count >= 0 && first + count <= n);
-  const std::size_t un = static_cast<std::size_t>(n), ud = static_cast<std::size_t>(d);
-  const std::size_t k = gear_outliers(n, d, p);
-  const std::size_t ib = gear_index_bytes(n, d);
-  const std::size_t r = gear_rank(p);
+  const std::size_t ud = static_cast<std::size_t>(d);
+  const gear_sections sec = gear_sections_of(n, d, p);
+  const std::size_t k = sec.k, ib = sec.index_bytes, r = sec.rank;
   const std::byte* idx_in = in;
-  const std::byte* val_in = idx_in + k * ib;
-  const std::byte* a_in = val_in + 2 * k;
-  const std::byte* bt_in = a_in + 2 * un * r;
+  const std::byte* val_in = in + sec.values;
+  const std::byte* a_in = in + sec.a;
+  const std::byte* bt_in = in + sec.bt;
   const std::size_t f = static_cast<std::size_t>(first), m = static_cast<std::size_t>(count);
 
   for (std::size_t t = 0; t < m; ++t) {
@@ -314,15 +342,7 @@ inline void gear_apply_rows(const std::byte* in, int n, int d, const gear_params
 
   // Sparse part: indices ascend, so the range's entries are one run found by bisection.
   const std::size_t lo = f * ud, hi = (f + m) * ud;
-  std::size_t a = 0, b = k;
-  while (a < b) {
-    const std::size_t mid = a + (b - a) / 2;
-    if (gear_load_index(idx_in + mid * ib, ib) < lo)
-      a = mid + 1;
-    else
-      b = mid;
-  }
-  for (std::size_t e = a; e < k; ++e) {
+  for (std::size_t e = gear_first_index(idx_in, ib, k, lo); e < k; ++e) {
     const std::size_t idx = gear_load_index(idx_in + e * ib, ib);
     if (idx >= hi) break;
     rows[idx - lo] += half_to_float_scalar(gear_load16(val_in + 2 * e));
