@@ -243,6 +243,9 @@ TEST(NoAlloc, HotPathsF16) { run_hot_paths<kvc::codec::f16>(); }
 TEST(NoAlloc, HotPathsF32) { run_hot_paths<kvc::codec::f32>(); }
 // bf16 seals by encoding, like f16, through the bfloat16 conversion.
 TEST(NoAlloc, HotPathsBF16) { run_hot_paths<kvc::codec::bf16>(); }
+// KIVI 2-bit: compaction re-encodes per-channel key pages from the pages their rows came
+// from, with scratch from the workspace.
+TEST(NoAlloc, HotPathsKivi) { run_hot_paths<kvc::codec::kivi<2>>(); }
 
 }  // namespace
 
