@@ -246,6 +246,10 @@ TEST(NoAlloc, HotPathsBF16) { run_hot_paths<kvc::codec::bf16>(); }
 // gear<kivi<2>> seals and re-encodes with the cache's encode scratch, and attends on the codes.
 TEST(NoAlloc, HotPathsGear) { run_hot_paths<kvc::codec::gear<kvc::codec::kivi<2>>>(); }
 
+// KIVI 2-bit: compaction re-encodes per-channel key pages from the pages their rows came
+// from, with scratch from the workspace.
+TEST(NoAlloc, HotPathsKivi) { run_hot_paths<kvc::codec::kivi<2>>(); }
+
 }  // namespace
 
 // ---------------------------------------------------------------- observation and budgets

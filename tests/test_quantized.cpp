@@ -1,8 +1,9 @@
 // The quantized page codecs (kvc/codecs/quantized.hpp: KIVI, Liu et al. 2024, Sec. 3-4;
 // int8) inside paged_kv_cache: exact page bytes, streaming appends, attention computed on
 // the codes against attention over the decoded rows and against the dense float cache,
-// eviction moving rows without re-quantizing them, and bad input. The quantizer itself
-// (packing, parameters, error bounds) is tested in test_quant.cpp, the code kernels in
+// eviction moving rows without re-quantizing them, kivi_channel's re-encoding of compacted
+// pages against a brute-force oracle, and bad input. The quantizer itself (packing,
+// parameters, error bounds) is tested in test_quant.cpp, the code kernels in
 // test_code_kernels.cpp.
 #include <gtest/gtest.h>
 
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <kvc/kvc.hpp>
@@ -153,9 +155,9 @@ TEST(QuantizedAttend, ErrorAgainstDenseFloatIsBoundedAndFallsWithBits) {
 // Codecs whose rows carry their own parameters (int8, kivi_token) move kept rows between
 // pages as bytes: after compress the stream is exactly the kept subset of what it decoded
 // before, bit for bit. Channel-quantized keys (kivi_channel) re-encode each page whose rows
-// change, from its decoded rows: their values move as bytes, and the keys stay within the
-// quantizer's bound of the decoded keys they came from (a re-encoded page's range is at
-// most the union of its sources').
+// change: their values move as bytes, and the keys stay within the quantizer's bound of the
+// decoded keys they came from (a key is at most quantized once more, on a grid whose range
+// is at most the union of its sources').
 TYPED_TEST(QuantizedCache, EvictionMovesRowsWithoutRequantizing) {
   using K = kvc::detail::key_role_t<typename TypeParam::key>;
   using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
@@ -199,10 +201,19 @@ TYPED_TEST(QuantizedCache, EvictionMovesRowsWithoutRequantizing) {
   }
 }
 
-// Repeated evictions (10 rounds of 10%) against one eviction of the same final set: for
-// codecs whose rows move as bytes the attention error is the same (within 1.1x, here equal);
-// channel-quantized keys are re-encoded once per round their page changes, and the figure
-// is printed.
+// Repeated evictions (10 rounds of 10%) against one eviction of the same final set: the
+// attention error stays within 1.1x. Codecs whose rows move as bytes give the same error;
+// channel-quantized keys re-encode the pages that change, keeping a source page's grid
+// where that costs least (kivi_channel::reencode), so a key moved again on the same grid
+// gains no error. The ratios are printed.
+//
+// Channel-quantized keys do not reach 1.1x: compaction packs pages densely, so a round that
+// evicts a tenth refills nearly every page from two source pages, and whichever grid a
+// channel keeps, the rows from the other page are quantized again (about 3 times per key over
+// ten rounds against 0.7 in one). Measured 1.07 (2-bit), 1.13 (4-bit), 1.13 (8-bit), 1.24
+// (2-bit keys with 4-bit values), 1.07 (3-bit, Hadamard); a fresh min-max grid for every
+// re-encoded page gave 1.19, 1.32, 1.38, 1.46 and 1.16. For them the test holds the measured
+// level (at most 1.3x), so that a change that loses the grid choice fails here.
 TYPED_TEST(QuantizedCache, RepeatedEvictionsAgainstOneRound) {
   using K = kvc::detail::key_role_t<typename TypeParam::key>;
   using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
@@ -237,9 +248,246 @@ TYPED_TEST(QuantizedCache, RepeatedEvictionsAgainstOneRound) {
   }
   std::printf("%s: attention error after 10 rounds of 10%% / one round: %.4f / %.4f = %.3f\n", K::name, e_many, e_one,
               e_many / e_one);
-  if (kvc::detail::token_granular_v<K>) {
-    EXPECT_LE(e_many, 1.1 * e_one);
+  EXPECT_LE(e_many, (kvc::detail::token_granular_v<K> ? 1.1 : 1.3) * e_one) << K::name;
+}
+
+// Compaction that moves every kept row of a page as a block, without mixing pages, changes no
+// key or value at all. Four sealed pages of 16 tokens: dropping all of page 1 moves page 2 whole
+// into slot 1, and dropping 5 rows of page 3 leaves its 11 others alone in slot 2. Channel-
+// quantized keys are re-encoded there, from one source page each, so they keep that page's
+// scale, zero and codes (a fresh min-max grid over the 11 rows would move some keys). The
+// same on a fork, whose pages are shared and copied on write.
+TYPED_TEST(QuantizedCache, EvictionWithinPagesKeepsEveryKeyBitForBit) {
+  using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
+  const int d = 64, P = 16;
+  const tokens t(70, d, 81);  // 4 sealed pages and 6 open tokens per stream
+  const std::vector<std::int32_t> dropped{16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
+                                          27, 28, 29, 30, 31, 49, 52, 55, 58, 62};
+  const auto keep = [&dropped](int, int, std::int32_t p) {
+    return std::find(dropped.begin(), dropped.end(), p) == dropped.end();
+  };
+  for (const bool fork : {false, true}) {
+    SCOPED_TRACE(fork ? "forked" : "own pages");
+    cache_t cache = policy_test::make_cache<cache_t>(config(d, P));
+    const kvc::seq_id a = cache.create_sequence();
+    ASSERT_TRUE(cache.append(a, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
+    kvc::seq_id s = a;
+    if (fork) {
+      auto f = cache.fork(a);
+      ASSERT_TRUE(f.ok());
+      s = *f;
+    }
+    std::vector<kvc::row_matrix> keys, values;
+    for (int h = 0; h < kv_heads; ++h) {
+      keys.push_back(cache.view(s, 0, h)->keys());
+      values.push_back(cache.view(s, 0, h)->values());
+    }
+    ASSERT_TRUE(cache.compress(s, policy_test::keep_if{keep, nullptr}).ok());
+    for (int h = 0; h < kv_heads; ++h) {
+      auto view = cache.view(s, 0, h);
+      ASSERT_EQ(view->size(), t.n - static_cast<int>(dropped.size()));
+      const std::vector<std::int32_t> kept = view->positions();
+      const kvc::row_matrix k = view->keys(), v = view->values();
+      for (std::size_t i = 0; i < kept.size(); ++i) {
+        EXPECT_TRUE(k.row(static_cast<long>(i)) == keys[static_cast<std::size_t>(h)].row(kept[i])) << "key " << kept[i];
+        EXPECT_TRUE(v.row(static_cast<long>(i)) == values[static_cast<std::size_t>(h)].row(kept[i]))
+            << "value " << kept[i];
+      }
+      if (fork) {
+        EXPECT_EQ(cache.view(a, 0, h)->keys(), keys[static_cast<std::size_t>(h)]) << "the original changed";
+      }
+    }
   }
+}
+
+// ---------------------------------------------------------------- re-encoding, by hand
+
+// A kivi_channel page built by encode, read back field by field.
+template <class K>
+struct channel_page {
+  int n, d;
+  std::vector<std::byte> bytes;
+  channel_page(const std::vector<float>& x, int n_, int d_) : n(n_), d(d_), bytes(K::page_bytes(n_, d_)) {
+    K::encode(x.data(), n, d, n, bytes.data());
+  }
+  std::uint16_t scale(int c) const { return K::scales(bytes.data())[c]; }
+  std::uint16_t zero(int c) const { return K::zeros(bytes.data(), d)[c]; }
+  std::vector<std::uint8_t> codes(int r) const {
+    std::vector<std::uint8_t> c(static_cast<std::size_t>(d));
+    kvc::detail::unpack_codes(K::codes(bytes.data(), d) + static_cast<std::size_t>(r) * K::row_bytes(d), d, K::bits,
+                              c.data());
+    return c;
+  }
+  std::vector<float> decoded(int r) const {
+    std::vector<float> x(static_cast<std::size_t>(d));
+    K::decode(bytes.data(), r, 1, d, n, x.data());
+    return x;
+  }
+};
+
+double half(std::uint16_t h) { return kvc::detail::half_to_float_scalar(h); }
+
+// n Gaussian rows [n][d] with channel c drawn from N(mean[c], sd[c]).
+std::vector<float> gaussian_rows(int n, int d, const std::vector<float>& mean, const std::vector<float>& sd,
+                                 unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<std::size_t>(n) * d);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const std::size_t c = i % static_cast<std::size_t>(d);
+    x[i] = mean[c] + sd[c] * normal(rng);
+  }
+  return x;
+}
+
+// Some rows of one page, re-encoded into that page (as compaction does in place): the page
+// keeps its scale and zero per channel, and row i holds the codes row kept[i] had, bit for bit,
+// for per-channel and Hadamard-rotated keys. Encoding the decoded rows afresh would change the
+// grid: the dropped rows hold the extremes of some channels.
+template <class K>
+void reencode_one_page() {
+  SCOPED_TRACE(K::name);
+  const int d = 64, P = 16;
+  const std::vector<float> mean(d, 0.5f), sd(d, 2.0f);
+  const channel_page<K> source(gaussian_rows(P, d, mean, sd, 91), P, d);
+  const std::vector<int> kept{1, 2, 4, 5, 8, 9, 11, 13, 14};
+  const int n = static_cast<int>(kept.size());
+  std::vector<float> rows;
+  std::vector<kvc::detail::row_origin> origin;
+  for (int r : kept) {
+    const std::vector<float> x = source.decoded(r);
+    rows.insert(rows.end(), x.begin(), x.end());
+    origin.push_back({0, r});
+  }
+  channel_page<K> fresh(rows, n, d);  // what plain encode does with the same rows
+  int regridded = 0;
+  for (int c = 0; c < d; ++c) regridded += fresh.scale(c) != source.scale(c) || fresh.zero(c) != source.zero(c);
+  ASSERT_GT(regridded, 0) << "the test needs rows whose min-max grid differs from the page's";
+
+  channel_page<K> page = source;
+  const std::byte* sources[] = {page.bytes.data()};
+  K::reencode(rows.data(), n, d, P, sources, 1, origin.data(), page.bytes.data());
+  for (int c = 0; c < d; ++c) {
+    EXPECT_EQ(page.scale(c), source.scale(c)) << "channel " << c;
+    EXPECT_EQ(page.zero(c), source.zero(c)) << "channel " << c;
+  }
+  for (int i = 0; i < n; ++i) EXPECT_EQ(page.codes(i), source.codes(kept[static_cast<std::size_t>(i)])) << "row " << i;
+}
+
+TEST(QuantizedCodecs, ReencodingRowsOfOnePageKeepsItsGridAndCodes) {
+  using namespace kvc::codec;
+  reencode_one_page<kivi_channel<2>>();
+  reencode_one_page<kivi_channel<3>>();
+  reencode_one_page<kivi_channel<4>>();
+  reencode_one_page<kivi_channel<8>>();
+  reencode_one_page<kivi_channel<3, rotation::hadamard>>();
+  reencode_one_page<kivi_channel<8, rotation::hadamard>>();
+}
+
+// A page filled from three pages A, B and C (C not passed to reencode), against a brute-force
+// oracle. The quantizer is KIVI's (Liu et al. 2024, Eq. 1, Sec. 3): on the grid (s, z) a
+// value x has code q = clamp(round((x - z) / s), 0, 2^B - 1) and reads back z + s q. For each
+// channel the oracle tries every candidate grid, A's, B's and the min-max grid of the page's
+// rows, and adds up (z + s q - x)^2 over the rows, x the decoded row, except for rows of a
+// source whose own grid the candidate is (their codes are copied: no error); the least sum
+// wins, ties to the earlier candidate. The page then holds that grid, the copied codes and the
+// oracle's q for every other row. The page is A's own buffer, rewritten in place. Channel
+// kinds make all three choices happen: A and B alike (A has more rows), A narrow and B wide,
+// A and B far apart.
+template <int Bits>
+void reencode_mixed_page() {
+  SCOPED_TRACE("bits " + std::to_string(Bits));
+  using K = kvc::codec::kivi_channel<Bits>;
+  const int d = 80, P = 20;  // 80 channels: two blocks of 32 and a tail of 16
+  std::vector<float> mean_a(d), sd_a(d), mean_b(d), sd_b(d);
+  for (int c = 0; c < d; ++c) {
+    const int kind = c % 3;
+    mean_a[c] = kind == 2 ? -2.0f : 0.0f;
+    mean_b[c] = kind == 2 ? 2.0f : 0.0f;
+    sd_a[c] = kind == 1 ? 0.2f : 1.0f;
+    sd_b[c] = kind == 1 ? 3.0f : 1.0f;
+  }
+  const channel_page<K> a(gaussian_rows(P, d, mean_a, sd_a, 101), P, d);
+  const channel_page<K> b(gaussian_rows(P, d, mean_b, sd_b, 102), P, d);
+  const channel_page<K> c(gaussian_rows(P, d, std::vector<float>(d, 0.0f), std::vector<float>(d, 1.0f), 103), P, d);
+  // Rows: 10 of A (each at or before its own slot), 6 of B, 2 of C.
+  const std::vector<std::pair<const channel_page<K>*, int>> from{
+      {&a, 0},  {&a, 1}, {&a, 3}, {&a, 4}, {&a, 6},  {&a, 8},  {&a, 9},  {&a, 11}, {&a, 12},
+      {&a, 14}, {&b, 2}, {&b, 5}, {&b, 7}, {&b, 10}, {&b, 13}, {&b, 15}, {&c, 4},  {&c, 9}};
+  const int n = static_cast<int>(from.size());
+  std::vector<float> rows;
+  std::vector<kvc::detail::row_origin> origin;
+  for (const auto& [p, r] : from) {
+    const std::vector<float> x = p->decoded(r);
+    rows.insert(rows.end(), x.begin(), x.end());
+    origin.push_back({p == &a ? 0 : p == &b ? 1 : -1, r});
+  }
+
+  // The oracle.
+  const double qmax = (1 << Bits) - 1;
+  std::vector<int> pick(static_cast<std::size_t>(d));
+  std::vector<std::uint16_t> want_scale(static_cast<std::size_t>(d)), want_zero(static_cast<std::size_t>(d));
+  std::vector<std::vector<int>> want_code(static_cast<std::size_t>(n), std::vector<int>(static_cast<std::size_t>(d)));
+  int picked[3] = {0, 0, 0};
+  for (int ch = 0; ch < d; ++ch) {
+    std::vector<float> column;
+    for (int i = 0; i < n; ++i) column.push_back(rows[static_cast<std::size_t>(i) * d + ch]);
+    const kvc::detail::minmax mm = kvc::detail::minmax_params(column.data(), n, Bits);
+    const std::uint16_t cs[3] = {a.scale(ch), b.scale(ch), mm.scale};
+    const std::uint16_t cz[3] = {a.zero(ch), b.zero(ch), mm.zero};
+    auto own = [&](int i, int k) {  // row i's code is copied under candidate k
+      const int o = origin[static_cast<std::size_t>(i)].source;
+      return o >= 0 && cs[o] == cs[k] && cz[o] == cz[k];
+    };
+    auto code = [&](double x, int k) {
+      const double s = half(cs[k]), z = half(cz[k]);
+      if (s == 0.0) return 0;
+      return static_cast<int>(std::clamp(std::nearbyint((x - z) / s), 0.0, qmax));
+    };
+    double cost[3] = {0, 0, 0};
+    for (int k = 0; k < 3; ++k)
+      for (int i = 0; i < n; ++i) {
+        if (own(i, k)) continue;
+        const double x = column[static_cast<std::size_t>(i)];
+        const double e = half(cz[k]) + half(cs[k]) * code(x, k) - x;
+        cost[k] += e * e;
+      }
+    int best = 0;
+    for (int k = 1; k < 3; ++k)
+      if (cost[k] < cost[best]) best = k;
+    ++picked[best];
+    want_scale[static_cast<std::size_t>(ch)] = cs[best];
+    want_zero[static_cast<std::size_t>(ch)] = cz[best];
+    for (int i = 0; i < n; ++i) {
+      const auto& [p, r] = from[static_cast<std::size_t>(i)];
+      want_code[static_cast<std::size_t>(i)][static_cast<std::size_t>(ch)] =
+          own(i, best) ? p->codes(r)[static_cast<std::size_t>(ch)] : code(column[static_cast<std::size_t>(i)], best);
+    }
+  }
+  ASSERT_GT(picked[0], 0) << "no channel keeps A's grid";
+  ASSERT_GT(picked[1], 0) << "no channel takes B's grid";
+  ASSERT_GT(picked[2], 0) << "no channel takes the min-max grid";
+
+  channel_page<K> page = a;
+  const std::byte* sources[] = {page.bytes.data(), b.bytes.data()};
+  K::reencode(rows.data(), n, d, P, sources, 2, origin.data(), page.bytes.data());
+  for (int ch = 0; ch < d; ++ch) {
+    EXPECT_EQ(page.scale(ch), want_scale[static_cast<std::size_t>(ch)]) << "channel " << ch;
+    EXPECT_EQ(page.zero(ch), want_zero[static_cast<std::size_t>(ch)]) << "channel " << ch;
+  }
+  for (int i = 0; i < n; ++i) {
+    const std::vector<std::uint8_t> got = page.codes(i);
+    EXPECT_EQ(std::vector<int>(got.begin(), got.end()), want_code[static_cast<std::size_t>(i)]) << "row " << i;
+  }
+  std::printf("kivi_channel<%d> mixed page: %d channels keep A's grid, %d take B's, %d the min-max grid\n", Bits,
+              picked[0], picked[1], picked[2]);
+}
+
+TEST(QuantizedCodecs, ReencodingAMixedPageTakesTheLeastErrorGridPerChannel) {
+  reencode_mixed_page<2>();
+  reencode_mixed_page<3>();
+  reencode_mixed_page<4>();
+  reencode_mixed_page<8>();
 }
 
 // ---------------------------------------------------------------- bad input

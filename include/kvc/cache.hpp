@@ -147,6 +147,16 @@ struct cache_locks {
   std::mutex sequences, pool, workspace;
 };
 
+// Compaction's scratch for the page being filled, when a codec re-encodes pages: its kept
+// rows decoded (keys, then values, each [page_tokens][head_dim]), the pages they came from
+// (the first max_reencode_sources distinct ones) and, for each row, which one and where.
+struct page_rebuild {
+  float* rows = nullptr;
+  row_origin* origin = nullptr;  // [page_tokens]
+  page_id sources[max_reencode_sources] = {};
+  int n_sources = 0;
+};
+
 // Per-stream compaction plan, computed under the pool lock.
 struct stream_plan {
   std::int32_t unchanged = 0;   // leading sealed pages that stay as they are
@@ -472,13 +482,16 @@ class paged_kv_cache {
     detail::stream_plan* plans = ws.alloc<detail::stream_plan>(static_cast<std::size_t>(count));
     page_id* old_pages = ws.alloc<page_id>(static_cast<std::size_t>(s->page_capacity));
     if (plans == nullptr || old_pages == nullptr) return exhausted(ws, "compress: plans");
-    // Kept rows of one page, in float, for codecs whose pages are re-encoded.
+    // Kept rows of one page, in float, and where they came from, for codecs whose pages are
+    // re-encoded.
     const std::size_t page_floats =
         static_cast<std::size_t>(config_.page_tokens) * static_cast<std::size_t>(sh.head_dim);
-    float* rebuild = nullptr;
+    detail::page_rebuild rebuild;
     if constexpr (reencode_keys || reencode_values) {
-      rebuild = ws.alloc<float>(2 * page_floats);
-      if (rebuild == nullptr) return exhausted(ws, "compress: re-encoding quantized pages");
+      rebuild.rows = ws.alloc<float>(2 * page_floats);
+      rebuild.origin = ws.alloc<detail::row_origin>(static_cast<std::size_t>(config_.page_tokens));
+      if (rebuild.rows == nullptr || rebuild.origin == nullptr)
+        return exhausted(ws, "compress: re-encoding quantized pages");
     }
 
     std::lock_guard<std::mutex> lock(locks_->pool);
@@ -1303,9 +1316,9 @@ class paged_kv_cache {
   }
 
   // Applies one stream's plan; returns the number of pages returned to the pool.
-  // rebuild: 2 * page_tokens * head_dim floats when a codec re-encodes its pages (keys, values).
+  // rebuild: scratch when a codec re-encodes its pages.
   std::int64_t apply_stream(detail::sequence& s, int si, const detail::stream_plan& pl, const std::uint8_t* keep,
-                            page_id* src, float* rebuild) noexcept {
+                            page_id* src, detail::page_rebuild& rebuild) noexcept {
     const int P = config_.page_tokens;
     detail::stream_state& st = s.streams[static_cast<std::size_t>(si)];
     page_id* t = s.table(si);
@@ -1338,7 +1351,8 @@ class paged_kv_cache {
         dst += len;
         r += len;
         // A destination page is complete once every row bound for it is gathered: its
-        // source rows all lie at or after it, and were read before it is written.
+        // source pages all lie at or after it in the table (a kept row never moves to a
+        // later slot), so none of them has been written yet.
         if constexpr (reencode_keys || reencode_values)
           if (dst % P == 0) reencode(t[dst / P - 1], P, rebuild);
       }
@@ -1390,27 +1404,52 @@ class paged_kv_cache {
     return freed;
   }
 
-  // Decodes the rows of a sealed page that codecs re-encode into rebuild (keys, then values,
-  // each [page_tokens][head_dim]) at row `at`.
-  void gather_rows(page_id src, int first, int at, int n, float* rebuild) const noexcept {
+  // Decodes rows [first, first + n) of sealed page src that codecs re-encode into
+  // rebuild.rows at row `at`, and records where they came from.
+  void gather_rows(page_id src, int first, int at, int n, detail::page_rebuild& rebuild) const noexcept {
     const int d = shape().head_dim, P = config_.page_tokens;
     const std::byte* base = pool_.data(src);
     const std::size_t off = static_cast<std::size_t>(at) * static_cast<std::size_t>(d);
-    if constexpr (reencode_keys) KeyCodec::decode(base + sealed_.keys, first, n, d, P, rebuild + off);
+    if constexpr (reencode_keys) KeyCodec::decode(base + sealed_.keys, first, n, d, P, rebuild.rows + off);
     if constexpr (reencode_values)
       ValueCodec::decode(base + sealed_.values, first, n, d, P,
-                         rebuild + static_cast<std::size_t>(P) * static_cast<std::size_t>(d) + off);
+                         rebuild.rows + static_cast<std::size_t>(P) * static_cast<std::size_t>(d) + off);
+    int k = 0;
+    while (k < rebuild.n_sources && rebuild.sources[k] != src) ++k;
+    if (k == rebuild.n_sources) {
+      if (k < detail::max_reencode_sources)
+        rebuild.sources[rebuild.n_sources++] = src;
+      else
+        k = -1;
+    }
+    for (int i = 0; i < n; ++i) rebuild.origin[at + i] = detail::row_origin{k, first + i};
   }
 
-  // Encodes the first n gathered rows into sealed page p (its other payload is in place).
-  void reencode(page_id p, int n, const float* rebuild) noexcept {
+  // Encodes the first n gathered rows into sealed page p (its other payload is in place),
+  // through the codec's reencode when it has one, and starts the next page's sources.
+  void reencode(page_id p, int n, detail::page_rebuild& rebuild) noexcept {
     const int d = shape().head_dim, P = config_.page_tokens;
     std::byte* base = pool_.data(p);
-    if constexpr (reencode_keys)
-      detail::encode_page<KeyCodec>(rebuild, n, d, P, base + sealed_.keys, encode_scratch_.data());
+    if constexpr (reencode_keys) reencode_payload<KeyCodec>(rebuild.rows, n, sealed_.keys, rebuild, base);
     if constexpr (reencode_values)
-      detail::encode_page<ValueCodec>(rebuild + static_cast<std::size_t>(P) * static_cast<std::size_t>(d), n, d, P,
-                                      base + sealed_.values, encode_scratch_.data());
+      reencode_payload<ValueCodec>(rebuild.rows + static_cast<std::size_t>(P) * static_cast<std::size_t>(d), n,
+                                   sealed_.values, rebuild, base);
+    rebuild.n_sources = 0;
+  }
+
+  // One payload (at `offset` in each page) of reencode.
+  template <class Codec>
+  void reencode_payload(float* rows, int n, std::size_t offset, const detail::page_rebuild& rebuild,
+                        std::byte* page) noexcept {
+    const int d = shape().head_dim, P = config_.page_tokens;
+    if constexpr (detail::has_reencode_v<Codec>) {
+      const std::byte* sources[detail::max_reencode_sources];
+      for (int k = 0; k < rebuild.n_sources; ++k) sources[k] = pool_.data(rebuild.sources[k]) + offset;
+      Codec::reencode(rows, n, d, P, sources, rebuild.n_sources, rebuild.origin, page + offset);
+    } else {
+      (void)rebuild;
+      detail::encode_page<Codec>(rows, n, d, P, page + offset, encode_scratch_.data());
+    }
   }
 
   void compact_open(page_id src, page_id dst, const std::uint8_t* keep) noexcept {

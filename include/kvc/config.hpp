@@ -88,8 +88,10 @@ inline std::size_t default_workspace_bytes(const cache_config& c) noexcept {
   // key norms, and the observed queries of a whole layer.
   const std::size_t one_stream = ctx * (2 * d + 6) * sizeof(float) + d * d * sizeof(double) +
                                  w * (static_cast<std::size_t>(c.shape.num_q_heads) * d + 1) * sizeof(float);
-  // Re-encoding one page's keys and values during compaction (quantized codecs).
-  const std::size_t rebuild = 2 * static_cast<std::size_t>(c.page_tokens) * d * sizeof(float);
+  // Re-encoding one page's keys and values during compaction (quantized codecs): the rows in
+  // float and where each came from (two 32-bit numbers a row), each block 64-byte aligned.
+  const std::size_t rebuild = 2 * static_cast<std::size_t>(c.page_tokens) * d * sizeof(float) +
+                              8 * static_cast<std::size_t>(c.page_tokens) + 128;
   return streams * per_stream + one_stream + rebuild + (std::size_t{1} << 20);
 }
 

@@ -35,7 +35,17 @@
 //                                       bias for max_head_dim
 //   token_granular = false            rows of a sealed page cannot move alone (they share
 //        parameters): compaction decodes the kept rows of each changed page and encodes
-//        them again (copy_rows is then never called)
+//        them again, with reencode when the codec has it (copy_rows is then never called)
+//   reencode(rows, n, head_dim, page_tokens, sources, n_sources, origin, page)
+//        with token_granular = false: compaction calls it instead of encode for a page whose
+//        rows changed, so a codec can keep the parameters of groups that did not change and
+//        move their codes as they are (kivi_channel). rows [n][head_dim] are the kept rows,
+//        decoded, in scratch the codec may overwrite; sources[0..n_sources) are the key (or
+//        value) payloads of up to detail::max_reencode_sources pages they came from, and
+//        origin[i] says that row i was row origin[i].row of sources[origin[i].source]
+//        (source -1: a page not passed). A source may be `page` itself, intact until the
+//        codec writes it; a row of `page` moves to a slot at or before its own
+//        (origin[i].row >= i there)
 //   key, value                        member types: a codec pair (codec::kivi) whose `key`
 //        type is used when it is paged_kv_cache's key codec and `value` when it is the
 //        value codec
@@ -114,6 +124,17 @@ inline void encode_page(const float* src, int n, int head_dim, int page_tokens, 
     C::encode(src, n, head_dim, page_tokens, page);
   }
 }
+
+// Where a row handed to a codec's reencode came from: row `row` of its sources[source].
+struct row_origin {
+  std::int32_t source;
+  std::int32_t row;
+};
+
+// The most source pages compaction passes to reencode for one page: the first ones its rows
+// come from. A round that evicts a tenth of a stream fills each page from two, one that
+// evicts two thirds from about three; rows from further pages come with source -1.
+inline constexpr int max_reencode_sources = 4;
 
 template <class T, class = void>
 struct is_codec_impl : std::false_type {};
@@ -206,6 +227,17 @@ template <class C>
 using key_role_t = typename key_role<C>::type;
 template <class C>
 using value_role_t = typename value_role<C>::type;
+
+// True when T has the optional reencode member (see above).
+template <class T, class = void>
+struct has_reencode : std::false_type {};
+template <class T>
+struct has_reencode<T, std::void_t<decltype(T::reencode(
+                           static_cast<float*>(nullptr), 0, 1, 1, static_cast<const std::byte* const*>(nullptr), 0,
+                           static_cast<const row_origin*>(nullptr), static_cast<std::byte*>(nullptr)))>>
+    : std::true_type {};
+template <class T>
+inline constexpr bool has_reencode_v = has_reencode<T>::value;
 
 template <class T, class = void>
 struct fused_impl : std::false_type {};
