@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # scripts/quality.sh: the quality evaluation (bench/quality/README.md) in one command. Installs
 # what it needs, builds kvc_quality natively in Release, runs every scorer x budget at every
-# compression ratio, and writes, in bench/quality/results/:
+# compression ratio (and, with --rows codecs, eviction, quantization and both at equal bytes),
+# and writes, in bench/quality/results/:
 #   <name>.csv                  every row (kvc_quality --csv)
 #   <name>.txt                  the tables kvc_quality prints
 #   <name>.md                   markdown tables (bench/quality/table.py)
 #   <name>.png, <name>_budgets.png   accuracy against compression ratio (bench/quality/plot.py)
+#   <name>_bytes.png            the codec rows: error against bytes (bench/quality/plot.py)
 #
 #   scripts/quality.sh                                   the synthetic suites, <name> = synthetic
+#   scripts/quality.sh --rows codecs --results codecs    the codec rows on the synthetic suites
 #   scripts/quality.sh --npy-dir DIR --rope-theta 500000 a model's dump, <name> = DIR's name
 #   scripts/quality.sh --results NAME [...]              choose <name>
 # Every argument other than --results NAME goes to kvc_quality (kvc_quality --help lists them).

@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Plots of a kvc_quality CSV: accuracy against the compression ratio, one line per policy.
+"""Plots of a kvc_quality CSV: accuracy against the compression ratio, one line per policy,
+and against the bytes kept, one line per mix of eviction and quantization.
 
     plot.py RESULTS.csv [--out PREFIX] [--budget uniform] [--metrics rel_error,recall,needle_hit]
 
-writes
+writes, from the policy rows (if any)
     PREFIX.png          one budget (default uniform): a row of subplots per metric, a column
                         per suite, one line per scorer
     PREFIX_budgets.png  relative L2 error, mean over the suites: a subplot per scorer, one
                         line per budget
+and from the codec rows (kvc_quality --rows codecs), if any
+    PREFIX_bytes.png    relative L2 error against bytes (a fraction of the f16 cache), a
+                        subplot per suite and one for the mean: a line per codec and scorer
+                        across the byte budgets, and one through the codecs alone
 PREFIX defaults to the CSV's path without ".csv". Needs Python 3 and matplotlib only
 (Debian: python3-matplotlib); draws with the Agg backend, no display needed.
 """
@@ -21,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from quality_csv import ordered, read_rows, value  # noqa: E402
+from quality_csv import codec_rows, ordered, policy_rows, read_rows, value  # noqa: E402
 
 TITLES = {
     "rel_error": "relative L2 error of the output (lower is better)",
@@ -90,6 +95,30 @@ def mean_series(rows, metric, suites):
     return xs, [sum(by_ratio[x]) / len(by_ratio[x]) for x in xs]
 
 
+def log_error_axes(ax, k, cols, nrows, xlabel):
+    """Panel k of a grid: grid lines, a log error axis, labels on the outer panels."""
+    ax.grid(True, alpha=0.3, which="both")
+    ax.set_yscale("log")
+    if k % cols == 0:
+        ax.set_ylabel("relative L2 error (log)")
+    if k // cols == nrows - 1:
+        ax.set_xlabel(xlabel)
+
+
+def finish(fig, axes, used, title, legend_inches, out, fontsize=9, top=0.96):
+    """Hides the panels past `used`, adds the first panel's legend on the right and the title, saves."""
+    cols = len(axes[0])
+    for k in range(used, len(axes) * cols):
+        axes[k // cols][k % cols].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", frameon=False, fontsize=fontsize)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1.0 - legend_inches / fig.get_figwidth(), top))
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 def plot_budget(rows, budget, metrics, out):
     rows = [r for r in rows if r["budget"] == budget]
     if not rows:
@@ -127,13 +156,8 @@ def plot_budget(rows, budget, metrics, out):
                 ax.set_ylabel(SHORT.get(m, m) + (" (log)" if m == "rel_error" else ""))
             if i == len(metrics) - 1:
                 ax.set_xlabel("compression ratio (fraction removed)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", frameon=False, fontsize=9)
-    fig.suptitle(f"kvc quality: scorers with the {budget} budget, held-out queries")
-    fig.tight_layout(rect=(0, 0, 1.0 - 1.9 / fig.get_figwidth(), 0.97))
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
-    print(f"wrote {out}")
+    title = f"kvc quality: scorers with the {budget} budget, held-out queries"
+    finish(fig, axes, len(metrics) * len(suites), title, 1.9, out, top=0.97)
 
 
 def plot_budgets(rows, out):
@@ -164,21 +188,59 @@ def plot_budgets(rows, out):
                     linestyle="-" if b_i == 0 else (0, (4, 1 + b_i)),
                 )
         ax.set_title(s, fontsize=10)
-        ax.grid(True, alpha=0.3, which="both")
-        ax.set_yscale("log")
-        if k % cols == 0:
-            ax.set_ylabel("relative L2 error (log)")
-        if k // cols == nrows - 1:
-            ax.set_xlabel("compression ratio")
-    for k in range(len(scorers), nrows * cols):
-        axes[k // cols][k % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", frameon=False, fontsize=9)
-    fig.suptitle("kvc quality: budgets compared, relative L2 error (mean over " + ", ".join(suites) + ")")
-    fig.tight_layout(rect=(0, 0, 1.0 - 1.5 / fig.get_figwidth(), 0.96))
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
-    print(f"wrote {out}")
+        log_error_axes(ax, k, cols, nrows, "compression ratio")
+    title = "kvc quality: budgets compared, relative L2 error (mean over " + ", ".join(suites) + ")"
+    finish(fig, axes, len(scorers), title, 1.5, out)
+
+
+def plot_bytes(rows, out):
+    suites = ordered(r["suite"] for r in rows)
+    codecs = ordered(r["codec"] for r in rows)
+    scorers = [s for s in ordered(r["scorer"] for r in rows) if s != "none"]
+    colors = {s: ("black" if s == "oracle" else plt.get_cmap("tab10").colors[i]) for i, s in enumerate(scorers)}
+    markers = {c: "os^vD<>ph*"[i % 10] for i, c in enumerate(codecs)}
+
+    floor = 1e-5  # f16 alone is near 1e-4
+
+    def line(group, among):
+        """(bytes, error) points sorted by bytes, each the mean over the suites in `among`."""
+        pts = {}
+        for r in group:
+            e, b = value(r, "rel_error"), value(r, "bytes")
+            if e is not None and b is not None and r["suite"] in among:
+                pts.setdefault(r["byte_budget"], []).append((b, e))
+        xy = sorted((sum(b for b, _ in p) / len(p), sum(e for _, e in p) / len(p)) for p in pts.values())
+        return [x for x, _ in xy], [max(y, floor) for _, y in xy]
+
+    panels = suites + (["mean"] if len(suites) > 1 else [])
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols + 2.4, 3.3 * nrows + 0.6), squeeze=False, sharex=True)
+    for k, panel in enumerate(panels):
+        ax = axes[k // cols][k % cols]
+        among = suites if panel == "mean" else [panel]
+        alone = [r for r in rows if r["scorer"] == "none"]
+        ax.plot(*line(alone, among), color="0.3", linewidth=2.6, alpha=0.6, label="codec alone", zorder=1)
+        for c in codecs:
+            ax.plot(*line([r for r in alone if r["codec"] == c], among), "none", marker=markers[c], color="0.3", ms=7)
+            for s in scorers:
+                gx, gy = line([r for r in rows if r["codec"] == c and r["scorer"] == s], among)
+                if gx:
+                    ax.plot(
+                        gx,
+                        gy,
+                        color=colors[s],
+                        marker=markers[c],
+                        markersize=4,
+                        linewidth=1.2,
+                        linestyle="--" if s == "oracle" else "-",
+                        label=f"{c} + {s}",
+                    )
+        ax.set_title(panel if panel != "mean" else "mean over the suites", fontsize=10)
+        ax.set_xscale("log")
+        log_error_axes(ax, k, cols, nrows, "bytes / f16 cache with every token (log)")
+    title = "kvc quality: eviction (f16 + scorer), quantization (codec alone) and both, by bytes"
+    finish(fig, axes, len(panels), title, 2.0, out, fontsize=8)
 
 
 def main():
@@ -199,8 +261,11 @@ def main():
     out = a.out or (a.csv[:-4] if a.csv.endswith(".csv") else a.csv)
     rows = read_rows(a.csv, "plot.py")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    plot_budget(rows, a.budget, metrics, out + ".png")
-    plot_budgets(rows, out + "_budgets.png")
+    if policy_rows(rows):
+        plot_budget(policy_rows(rows), a.budget, metrics, out + ".png")
+        plot_budgets(policy_rows(rows), out + "_budgets.png")
+    if codec_rows(rows):
+        plot_bytes(codec_rows(rows), out + "_bytes.png")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 // bench/quality/quality.cpp: kvc_quality, the quality evaluation of every scorer x budget
-// against the uncompressed cache and the oracle, on synthetic suites or a real model's
-// dump. README.md in this directory describes the protocol, the metrics and the suites;
-// `kvc_quality --help` lists the options.
+// against the uncompressed cache and the oracle, and of eviction, quantization and both at
+// equal bytes, on synthetic suites or a real model's dump. README.md in this directory
+// describes the protocol, the metrics and the suites; `kvc_quality --help` lists the options.
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -27,7 +27,8 @@ const char* const usage_text =
     "usage: kvc_quality [options]\n"
     "\n"
     "Compares every scorer x budget (bench/quality/policies.hpp) at several compression ratios\n"
-    "against the uncompressed cache and the oracle. See bench/quality/README.md.\n"
+    "against the uncompressed cache and the oracle, and eviction, quantization and both at equal\n"
+    "bytes (bench/quality/mixes.hpp). See bench/quality/README.md.\n"
     "\n"
     "Synthetic suites (the default):\n"
     "  --suite LIST         local, diffuse, needle, blind, mixed, or all (default: all)\n"
@@ -51,17 +52,24 @@ const char* const usage_text =
     "  --max-layers N       the first N layers only\n"
     "\n"
     "Both:\n"
+    "  --rows LIST          policies (every scorer x budget at every ratio), codecs (eviction,\n"
+    "                       quantization and both at equal bytes), or both (default: policies)\n"
     "  --ratios LIST        compression ratios, fractions removed (0.25,0.5,0.75,0.9,0.95)\n"
     "  --scorers LIST       only these scorers;  --budgets LIST  only these budgets\n"
+    "  --byte-budgets LIST  codec rows: fractions of the f16 cache's bytes (default: each codec's\n"
+    "                       own size, and half the smallest)\n"
+    "  --mix-scorers LIST   codec rows: the scorers that evict (oracle,snapkv,compactor)\n"
     "  --threads N          worker threads (default: hardware threads, at most 16)\n"
     "  --prefill-attend     observe every cached query, not only the window (H2O's statistics\n"
     "                       then cover the whole prefill; costs context^2 attention)\n"
     "  --csv PATH           every row as CSV\n"
     "  --metrics LIST       tables on stdout: rel_error, mass_kept, recall, needle_hit, kept,\n"
-    "                       needle_kept, compress_ms, or none (default: the first four)\n"
+    "                       needle_kept, compress_ms, or none (default: the first four); the codec\n"
+    "                       rows' table has its own columns, and none drops it too\n"
     "  --check              check sanity properties (README.md); exit 1 if one fails\n"
     "  --expect CSV         rel_error, mass_kept and recall must equal the rows of this CSV with\n"
-    "                       the same suite, policy and ratio; exit 1 otherwise\n"
+    "                       the same suite, policy and ratio (or codec, mix and byte budget); exit 1\n"
+    "                       otherwise\n"
     "  --list               print the policies and exit\n"
     "\n"
     "Exit status: 0; 1 when a check failed or a policy could not compress (its cells read \"fail\"\n"
@@ -118,7 +126,7 @@ struct options {
   std::vector<std::string> suites;
   quality::synthetic_config synth;
   std::string npy_dir, name, write_npy, csv, expect;
-  bool have_theta = false, have_context = false, check = false, list = false;
+  bool have_theta = false, have_context = false, check = false, list = false, policy_rows = true;
   const char* synthetic_only = nullptr;  // the last option that only the synthetic suites take
   int max_layers = 0;
   std::vector<std::string> scorers, budgets;
@@ -201,6 +209,28 @@ options parse(int argc, char** argv) {
         o.eval.ratios.push_back(x);
       }
       if (o.eval.ratios.empty()) die("--ratios: no ratio given");
+    } else if (a == "--rows") {
+      o.policy_rows = o.eval.codec_rows = false;
+      for (const std::string& r : split(value())) {
+        if (r == "policies")
+          o.policy_rows = true;
+        else if (r == "codecs")
+          o.eval.codec_rows = true;
+        else
+          die("--rows: expected policies or codecs, not '%s'", r.c_str());
+      }
+      if (!o.policy_rows && !o.eval.codec_rows) die("--rows: no rows given");
+    } else if (a == "--byte-budgets") {
+      o.eval.byte_budgets.clear();
+      for (const std::string& b : split(value())) {
+        const double x = to_double(flag, b.c_str());
+        if (!(x > 0.0 && x <= 1.0)) die("--byte-budgets: '%s' is outside (0, 1]", b.c_str());
+        o.eval.byte_budgets.push_back(x);
+      }
+      if (o.eval.byte_budgets.empty()) die("--byte-budgets: no budget given");
+    } else if (a == "--mix-scorers") {
+      o.eval.mix_scorers = split(value());
+      if (o.eval.mix_scorers.empty()) die("--mix-scorers: no scorer given");
     } else if (a == "--scorers") {
       o.scorers = split(value());
     } else if (a == "--budgets") {
@@ -257,7 +287,7 @@ double metric_of(const result_row& r, const std::string& m) {
 }
 
 void print_header(const quality::workload& w, const quality::reference_info& info, std::size_t n_policies,
-                  std::size_t n_ratios) {
+                  std::size_t n_ratios, std::size_t n_codec_rows) {
   const kvc::model_shape& s = w.shape;
   std::printf("\n== %s: %s\n", w.name.c_str(), w.description.c_str());
   std::printf(
@@ -270,35 +300,43 @@ void print_header(const quality::workload& w, const quality::reference_info& inf
       "of tokens",
       100.0 * info.sink_mass, 100.0 * info.top_mass);
   if (!std::isnan(info.needle_hit)) std::printf("; argmax on the needle %.0f%%", 100.0 * info.needle_hit);
-  std::printf("\n   %zu policies x %zu ratios in %.1f s\n", n_policies, n_ratios, info.seconds);
+  std::printf("\n   ");
+  if (n_policies > 0) std::printf("%zu policies x %zu ratios%s", n_policies, n_ratios, n_codec_rows > 0 ? ", " : "");
+  if (n_codec_rows > 0) std::printf("%zu codec rows", n_codec_rows);
+  std::printf(" in %.1f s\n", info.seconds);
+}
+
+// Failures, one line per policy and message, before the tables (whose cells then read "fail").
+void print_failures(const std::vector<result_row>& rows) {
+  std::vector<std::pair<std::string, std::string>> failed;  // (policy, message)
+  std::map<std::pair<std::string, std::string>, std::string> failed_at;
+  for (const result_row& r : rows) {
+    if (r.error.empty()) continue;
+    const std::pair<std::string, std::string> key{r.policy(), r.error};
+    char at[32];
+    std::snprintf(at, sizeof at, "%g", r.codec_row() ? r.byte_budget : r.ratio);
+    std::string& list = failed_at[key];
+    if (list.empty()) failed.push_back(key);
+    list += list.empty() ? std::string(r.codec_row() ? "byte budget " : "ratio ") + at : std::string(", ") + at;
+  }
+  for (const auto& f : failed)
+    std::printf("   FAILED %s at %s: %s\n", f.first.c_str(), failed_at[f].c_str(), f.second.c_str());
 }
 
 void print_tables(const std::vector<result_row>& rows, const std::vector<std::string>& metrics,
                   const std::vector<double>& ratios) {
-  // Rows of one suite arrive in (policy, ratio) order.
+  // Policy rows of one suite arrive in (policy, ratio) order.
   std::vector<std::string> policies;
   std::map<std::pair<std::string, double>, const result_row*> at;
   for (const result_row& r : rows) {
+    if (r.codec_row()) continue;
     if (!contains(policies, r.policy())) policies.push_back(r.policy());
     at[{r.policy(), r.ratio}] = &r;
   }
-  // Failures, one line per policy and message, before the tables (whose cells then read "fail").
-  std::vector<std::pair<std::string, std::string>> failed;  // (policy, message)
-  std::map<std::pair<std::string, std::string>, std::string> failed_ratios;
-  for (const result_row& r : rows) {
-    if (r.error.empty()) continue;
-    const std::pair<std::string, std::string> key{r.policy(), r.error};
-    char ratio[32];
-    std::snprintf(ratio, sizeof ratio, "%g", r.ratio);
-    std::string& list = failed_ratios[key];
-    if (list.empty()) failed.push_back(key);
-    list += list.empty() ? ratio : std::string(", ") + ratio;
-  }
-  for (const auto& f : failed)
-    std::printf("   FAILED %s at ratio %s: %s\n", f.first.c_str(), failed_ratios[f].c_str(), f.second.c_str());
+  if (policies.empty()) return;
   for (const std::string& m : metrics) {
     bool any = false;
-    for (const result_row& r : rows) any = any || !std::isnan(metric_of(r, m));
+    for (const result_row& r : rows) any = any || (!r.codec_row() && !std::isnan(metric_of(r, m)));
     if (!any) continue;
     std::printf("\n%s\n%-26s", metric_title(m), "policy \\ ratio");
     for (double x : ratios) std::printf(" %7.2f", x);
@@ -321,6 +359,51 @@ void print_tables(const std::vector<result_row>& rows, const std::vector<std::st
   }
 }
 
+// Codec rows of one suite, in (byte budget, codec, scorer) order: a block per budget, the
+// least error among the mixes that do not evict with the oracle marked.
+void print_codec_table(const std::vector<result_row>& rows) {
+  bool any = false, needles = false;
+  for (const result_row& r : rows) {
+    any = any || r.codec_row();
+    needles = needles || (r.codec_row() && !std::isnan(r.needle_hit));
+  }
+  if (!any) return;
+  std::printf(
+      "\neviction and quantization at equal bytes: bytes are the pages the compressed sequence holds\n"
+      "(stats()), over the f16 cache's with every token; error against the uncompressed f32 cache\n"
+      "%-8s %-24s %7s %7s %9s %9s%s\n",
+      "budget", "mix", "bytes", "kept", "rel_error", "mass_kept", needles ? " needle_hit" : "");
+  for (std::size_t i = 0; i < rows.size();) {
+    if (!rows[i].codec_row()) {
+      ++i;
+      continue;
+    }
+    std::size_t end = i;
+    const result_row* best = nullptr;
+    for (; end < rows.size() && rows[end].codec_row() && rows[end].byte_budget == rows[i].byte_budget; ++end) {
+      const result_row& r = rows[end];
+      if (r.error.empty() && r.scorer != "oracle" && (best == nullptr || r.rel_error < best->rel_error)) best = &r;
+    }
+    for (std::size_t k = i; k < end; ++k) {
+      const result_row& r = rows[k];
+      char budget[16] = "";
+      if (k == i) std::snprintf(budget, sizeof budget, "%.3f", r.byte_budget);
+      std::printf("%-8s %-24s", budget, r.policy().c_str());
+      if (!r.error.empty()) {
+        std::printf(" %7s\n", "fail");
+        continue;
+      }
+      std::printf(" %7.3f %7.3f %9.4f %9.3f", r.bytes, r.kept, r.rel_error, r.mass_kept);
+      if (needles && std::isnan(r.needle_hit))
+        std::printf(" %10s", "-");
+      else if (needles)
+        std::printf(" %10.3f", r.needle_hit);
+      std::printf("%s\n", &r == best ? "   <- least error" : "");
+    }
+    i = end;
+  }
+}
+
 void csv_number(std::FILE* f, double v) {
   if (std::isnan(v))
     std::fputc(',', f);
@@ -331,13 +414,17 @@ void csv_number(std::FILE* f, double v) {
 bool write_csv(const std::string& path, const std::vector<result_row>& rows) {
   std::FILE* f = std::fopen(path.c_str(), "w");
   if (f == nullptr) return false;
-  std::fprintf(f,
-               "suite,scorer,budget,ratio,kept,rel_error,mass_kept,recall,needle_kept,needle_hit,compress_ms,error\n");
+  std::fprintf(
+      f,
+      "suite,scorer,budget,ratio,kept,rel_error,mass_kept,recall,needle_kept,needle_hit,compress_ms,error,codec,"
+      "byte_budget,bytes,error_bound\n");
   for (const result_row& r : rows) {
     std::fprintf(f, "%s,%s,%s,%g", r.suite.c_str(), r.scorer.c_str(), r.budget.c_str(), r.ratio);
     for (double v : {r.kept, r.rel_error, r.mass_kept, r.recall, r.needle_kept, r.needle_hit}) csv_number(f, v);
     std::fprintf(f, ",%.2f,", r.compress_ms);
     for (const char* c = r.error.c_str(); *c != '\0'; ++c) std::fputc(*c == ',' || *c == '\n' ? ';' : *c, f);
+    std::fprintf(f, ",%s", r.codec.c_str());
+    for (double v : {r.byte_budget, r.bytes, r.error_bound}) csv_number(f, v);
     std::fputc('\n', f);
   }
   return std::fclose(f) == 0;
@@ -363,11 +450,22 @@ struct checker {
   }
 };
 
-// Properties that hold whatever the data: see README.md, "Sanity checks".
+constexpr double check_tol = 1e-6;
+
+// A metric is not finite or out of range (fractions outside [0, 1], a negative error).
+bool out_of_range(const result_row& r) {
+  const double unit[] = {r.kept, r.mass_kept, r.recall, r.needle_kept, r.needle_hit};
+  bool bad = !(std::isfinite(r.rel_error) && r.rel_error >= 0.0);
+  for (double v : unit) bad = bad || (!std::isnan(v) && !(v >= -check_tol && v <= 1.0 + check_tol));
+  return bad;
+}
+
+// Properties of the policy rows that hold whatever the data: see README.md, "Sanity checks".
 void check_rows(const std::vector<result_row>& rows, const quality::reference_info& info, checker& c) {
-  constexpr double tol = 1e-6;
+  constexpr double tol = check_tol;
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const result_row& r = rows[i];
+    if (r.codec_row()) continue;
     const std::string name = r.policy();
     const char* p = name.c_str();
     if (!r.error.empty()) {
@@ -376,10 +474,7 @@ void check_rows(const std::vector<result_row>& rows, const quality::reference_in
         c.fail("%s: %s could not compress: %s", r.suite.c_str(), p, r.error.c_str());
       continue;
     }
-    const double unit[] = {r.kept, r.mass_kept, r.recall, r.needle_kept, r.needle_hit};
-    bool bad = !(std::isfinite(r.rel_error) && r.rel_error >= 0.0);
-    for (double v : unit) bad = bad || (!std::isnan(v) && !(v >= -tol && v <= 1.0 + tol));
-    if (bad) c.fail("%s: %s at ratio %g: a metric is out of range", r.suite.c_str(), p, r.ratio);
+    if (out_of_range(r)) c.fail("%s: %s at ratio %g: a metric is out of range", r.suite.c_str(), p, r.ratio);
     if (r.ratio == 0.0) {
       if (r.rel_error > tol || r.mass_kept < 1.0 - tol || r.recall < 1.0 - tol || r.kept < 1.0)
         c.fail("%s: %s at ratio 0 changed the cache: kept %.6f, error %.3g, mass %.9f, recall %.6f", r.suite.c_str(), p,
@@ -392,9 +487,9 @@ void check_rows(const std::vector<result_row>& rows, const quality::reference_in
   // The oracle keeps, per stream, the tokens with the most held-out attention, so no
   // policy that keeps as many tokens in every stream can keep more attention mass.
   for (const result_row& o : rows) {
-    if (o.scorer != "oracle" || !o.error.empty()) continue;
+    if (o.scorer != "oracle" || !o.error.empty() || o.codec_row()) continue;
     for (const result_row& r : rows)
-      if (r.suite == o.suite && r.budget == o.budget && r.ratio == o.ratio && r.error.empty() &&
+      if (!r.codec_row() && r.suite == o.suite && r.budget == o.budget && r.ratio == o.ratio && r.error.empty() &&
           r.stream_tokens == o.stream_tokens && r.mass_kept > o.mass_kept + tol)
         c.fail("%s: %s keeps attention mass %.9f > oracle/%s %.9f at ratio %g with the same stream sizes",
                r.suite.c_str(), r.policy().c_str(), r.mass_kept, o.budget.c_str(), o.mass_kept, r.ratio);
@@ -404,11 +499,59 @@ void check_rows(const std::vector<result_row>& rows, const quality::reference_in
            info.needle_hit);
 }
 
-// Rows of an earlier CSV: (suite, scorer, budget, ratio) -> rel_error, mass_kept, recall.
+// Properties of the codec rows: see README.md, "Sanity checks".
+void check_codec_rows(const std::vector<result_row>& rows, checker& c) {
+  for (const result_row& r : rows) {
+    if (!r.codec_row()) continue;
+    const std::string name = r.policy();
+    const char *s = r.suite.c_str(), *p = name.c_str();
+    if (!r.error.empty()) {
+      c.fail("%s: %s at byte budget %g could not compress: %s", s, p, r.byte_budget, r.error.c_str());
+      continue;
+    }
+    if (out_of_range(r)) c.fail("%s: %s at byte budget %g: a metric is out of range", s, p, r.byte_budget);
+    // Equal bytes: never over the budget; an evicting row within a page of it (where
+    // byte_cap stops), a codec alone with every token.
+    if (!(r.bytes <= r.byte_budget))
+      c.fail("%s: %s holds %.6f of the f16 bytes, over its budget %.6f", s, p, r.bytes, r.byte_budget);
+    if (r.evicts() && !(r.byte_budget - r.bytes < r.page_bytes))
+      c.fail("%s: %s holds %.6f of the f16 bytes, more than a page (%.6f) under its budget %.6f", s, p, r.bytes,
+             r.page_bytes, r.byte_budget);
+    if (!r.evicts()) {
+      if (r.kept < 1.0 || r.mass_kept < 1.0 - check_tol || (!std::isnan(r.needle_kept) && r.needle_kept < 1.0))
+        c.fail("%s: %s lost tokens: kept %.6f, mass %.9f, needles %.3f", s, p, r.kept, r.mass_kept, r.needle_kept);
+      // The bound says something below 1 (f16 and 8 bits on the synthetic suites).
+      if (r.error_bound < 1.0 && !(r.rel_error <= r.error_bound))
+        c.fail("%s: %s has error %.6g, above its bound %.6g", s, p, r.rel_error, r.error_bound);
+    }
+  }
+  // Codecs alone: more bytes, less error.
+  for (const result_row& a : rows)
+    for (const result_row& b : rows)
+      if (a.codec_row() && b.codec_row() && !a.evicts() && !b.evicts() && a.error.empty() && b.error.empty() &&
+          a.suite == b.suite && a.codec != b.codec && a.bytes > b.bytes && !(a.rel_error < b.rel_error))
+        c.fail("%s: %s (bytes %.3f) has error %.6g, %s (bytes %.3f) %.6g", a.suite.c_str(), a.policy().c_str(), a.bytes,
+               a.rel_error, b.policy().c_str(), b.bytes, b.rel_error);
+}
+
+// What --expect matches a row on: its suite, codec, scorer, budget, and its ratio (policy
+// rows) or byte budget (codec rows).
+using expect_key = std::tuple<std::string, std::string, std::string, std::string, std::string>;
+
+std::string expect_at(bool codec_row, double ratio_or_budget) {
+  char at[48];
+  std::snprintf(at, sizeof at, codec_row ? "byte budget %g" : "ratio %g", ratio_or_budget);
+  return at;
+}
+
+// A CSV cell as a number; empty (no value) is NaN.
+double cell_number(const std::string& s) { return s.empty() ? std::nan("") : std::strtod(s.c_str(), nullptr); }
+
+// Rows of an earlier CSV: expect_key -> rel_error, mass_kept, recall.
 void check_expected(const std::string& path, const std::vector<result_row>& rows, checker& c) {
   std::FILE* f = std::fopen(path.c_str(), "r");
   if (f == nullptr) die("--expect: cannot open %s", path.c_str());
-  std::map<std::tuple<std::string, std::string, std::string, std::string>, std::vector<double>> expected;
+  std::map<expect_key, std::vector<double>> expected;
   std::vector<std::string> header;
   char line[4096];
   while (std::fgets(line, sizeof line, f) != nullptr) {
@@ -428,31 +571,33 @@ void check_expected(const std::string& path, const std::vector<result_row>& rows
     }
     std::map<std::string, std::string> cell;
     for (std::size_t i = 0; i < header.size() && i < cells.size(); ++i) cell[header[i]] = cells[i];
-    char ratio[32];
-    std::snprintf(ratio, sizeof ratio, "%g", std::strtod(cell["ratio"].c_str(), nullptr));
-    expected[{cell["suite"], cell["scorer"], cell["budget"], ratio}] = {std::strtod(cell["rel_error"].c_str(), nullptr),
-                                                                        std::strtod(cell["mass_kept"].c_str(), nullptr),
-                                                                        std::strtod(cell["recall"].c_str(), nullptr)};
+    // CSVs without the codec columns hold policy rows, on f32 pages.
+    const bool codec_row = !cell["byte_budget"].empty();
+    const std::string codec = cell["codec"].empty() ? "f32" : cell["codec"];
+    const std::string at = expect_at(codec_row, cell_number(cell[codec_row ? "byte_budget" : "ratio"]));
+    expected[{cell["suite"], codec, cell["scorer"], cell["budget"], at}] = {
+        cell_number(cell["rel_error"]), cell_number(cell["mass_kept"]), cell_number(cell["recall"])};
   }
   std::fclose(f);
   int matched = 0;
   for (const result_row& r : rows) {
-    char ratio[32];
-    std::snprintf(ratio, sizeof ratio, "%g", r.ratio);
-    const auto it = expected.find({r.suite, r.scorer, r.budget, ratio});
+    const std::string at = expect_at(r.codec_row(), r.codec_row() ? r.byte_budget : r.ratio);
+    const auto it = expected.find({r.suite, r.codec, r.scorer, r.budget, at});
     if (it == expected.end()) {
-      c.fail("--expect: %s has no row for %s / %s at ratio %s", path.c_str(), r.suite.c_str(), r.policy().c_str(),
-             ratio);
+      c.fail("--expect: %s has no row for %s / %s at %s", path.c_str(), r.suite.c_str(), r.policy().c_str(),
+             at.c_str());
       continue;
     }
     ++matched;
     const double got[3] = {r.rel_error, r.mass_kept, r.recall};
     const char* names[3] = {"rel_error", "mass_kept", "recall"};
-    for (int i = 0; i < 3; ++i)
-      if (!(std::fabs(got[i] - it->second[static_cast<std::size_t>(i)]) <=
-            1e-7 + 1e-6 * std::fabs(it->second[static_cast<std::size_t>(i)])))
-        c.fail("--expect: %s %s at ratio %s: %s %.9g, expected %.9g", r.suite.c_str(), r.policy().c_str(), ratio,
-               names[i], got[i], it->second[static_cast<std::size_t>(i)]);
+    for (int i = 0; i < 3; ++i) {
+      const double want = it->second[static_cast<std::size_t>(i)];
+      if (std::isnan(got[i]) && std::isnan(want)) continue;  // no value on either side
+      if (!(std::fabs(got[i] - want) <= 1e-7 + 1e-6 * std::fabs(want)))
+        c.fail("--expect: %s %s at %s: %s %.9g, expected %.9g", r.suite.c_str(), r.policy().c_str(), at.c_str(),
+               names[i], got[i], want);
+    }
   }
   std::printf("\n--expect: %d rows match %s\n", matched, path.c_str());
 }
@@ -464,7 +609,7 @@ int main(int argc, char** argv) {
 
   std::vector<quality::policy> policies;
   for (quality::policy& p : quality::all_policies())
-    if ((opt.scorers.empty() || contains(opt.scorers, p.scorer)) &&
+    if (opt.policy_rows && (opt.scorers.empty() || contains(opt.scorers, p.scorer)) &&
         (opt.budgets.empty() || contains(opt.budgets, p.budget)))
       policies.push_back(std::move(p));
   for (const std::vector<std::string>* filter : {&opt.scorers, &opt.budgets})
@@ -473,6 +618,11 @@ int main(int argc, char** argv) {
       for (const quality::policy& p : quality::all_policies()) found = found || p.scorer == name || p.budget == name;
       if (!found) die("no scorer or budget named '%s' (--list shows them)", name.c_str());
     }
+  for (const std::string& name : opt.eval.mix_scorers) {
+    bool found = false;
+    for (const quality::policy& p : quality::all_policies()) found = found || p.scorer == name;
+    if (!found) die("--mix-scorers: no scorer named '%s' (--list shows them)", name.c_str());
+  }
   if (opt.list) {
     for (const quality::policy& p : policies) std::printf("%s\n", p.name().c_str());
     return 0;
@@ -538,9 +688,16 @@ int main(int argc, char** argv) {
     quality::reference_info info;
     const kvc::status st = e.run(policies, rows, info);
     if (!st.ok()) die("%s", st.message());
-    print_header(w, info, policies.size(), opt.eval.ratios.size());
+    std::size_t codec_rows = 0;
+    for (const result_row& r : rows) codec_rows += r.codec_row() ? 1 : 0;
+    print_header(w, info, policies.size(), opt.eval.ratios.size(), codec_rows);
+    print_failures(rows);
     print_tables(rows, opt.metrics, opt.eval.ratios);
-    if (opt.check) check_rows(rows, info, c);
+    if (!opt.metrics.empty()) print_codec_table(rows);
+    if (opt.check) {
+      check_rows(rows, info, c);
+      check_codec_rows(rows, c);
+    }
     all.insert(all.end(), rows.begin(), rows.end());
     std::fflush(stdout);
   }

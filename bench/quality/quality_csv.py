@@ -13,7 +13,23 @@ def read_rows(path, program):
         sys.exit(f"{program}: {path} has no rows")
     for r in rows:
         r["ratio"] = float(r["ratio"])
+        r["byte_budget"] = float(r["byte_budget"]) if r.get("byte_budget") else None
     return rows
+
+
+def policy_rows(rows):
+    """The rows of every scorer x budget at every ratio (no byte budget)."""
+    return [r for r in rows if r["byte_budget"] is None]
+
+
+def codec_rows(rows):
+    """The rows of eviction, quantization and both at equal bytes (a byte budget each)."""
+    return [r for r in rows if r["byte_budget"] is not None]
+
+
+def mix_name(row):
+    """A codec row's mix: "kivi<4> + snapkv" (the codec evicts with that scorer) or "kivi<4> alone"."""
+    return f"{row['codec']} alone" if row["scorer"] == "none" else f"{row['codec']} + {row['scorer']}"
 
 
 def value(row, metric):

@@ -3,21 +3,25 @@
 
     table.py RESULTS.csv [--budget uniform] [--ratio 0.9] [--note TEXT] > RESULTS.md
 
-Three tables:
+Tables of the policy rows (every scorer x budget at every ratio):
   1. one row per scorer with the headline budget: relative L2 error and recall of the
      oracle's kept set at every ratio, each the mean over the suites;
   2. one row per scorer at one ratio: relative L2 error per suite, and the needle hit
      rate of the suites that have needles;
   3. one row per budget: relative L2 error at every ratio, mean over the scorers other than
      the oracle and over the suites, and the best scorer at one ratio.
-The best value of a column among the scorers other than the oracle is in bold. Python 3
-standard library only.
+The best value of a column among the scorers other than the oracle is in bold. The codec
+rows (kvc_quality --rows codecs), if any, get a fourth:
+  4. per byte budget, one row per mix of eviction and quantization: bytes, tokens kept,
+     relative L2 error (mean and per suite) and needle hit rate; the least error among the
+     mixes that do not evict with the oracle in bold, and a line naming them.
+Python 3 standard library only.
 """
 
 import argparse
 import sys
 
-from quality_csv import ordered, read_rows, value
+from quality_csv import codec_rows, mix_name, ordered, policy_rows, read_rows, value
 
 
 def mean(values):
@@ -25,10 +29,10 @@ def mean(values):
     return sum(values) / len(values) if values else None
 
 
-def fmt(v, bold=False):
+def fmt(v, bold=False, digits=3):
     if v is None:
         return "–"
-    s = f"{v:.3f}"
+    s = f"{v:.{digits}f}"
     return f"**{s}**" if bold else s
 
 
@@ -37,27 +41,36 @@ def ratio_label(x):
 
 
 class Table:
-    def __init__(self, header):
+    def __init__(self, header, digits=None):
         self.header = header
-        self.rows = []  # (label, [values], is_reference)
+        self.digits = digits  # decimals per value column (default 3)
+        self.rows = []  # ([label cells], [values], is_reference)
 
     def add(self, label, values, reference=False):
-        self.rows.append((label, values, reference))
+        """label: the first cell, or a list of the first cells."""
+        self.rows.append(([label] if isinstance(label, str) else list(label), values, reference))
 
-    def render(self, lower_is_better):
-        """lower_is_better: one flag per value column (None: no highlighting)."""
+    def body(self, lower_is_better):
+        """The row lines; lower_is_better: one flag per value column (None: no highlighting)."""
+        digits = self.digits or [3] * len(lower_is_better)
         best = []
         for j, low in enumerate(lower_is_better):
-            candidates = [round(vals[j], 3) for _, vals, ref in self.rows if not ref and vals[j] is not None]
+            candidates = [round(vals[j], digits[j]) for _, vals, ref in self.rows if not ref and vals[j] is not None]
             best.append(None if low is None or not candidates else (min if low else max)(candidates))
-        out = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        for label, vals, ref in self.rows:
+        out = []
+        for labels, vals, ref in self.rows:
             cells = [
-                fmt(v, bold=(not ref and v is not None and best[j] is not None and round(v, 3) == best[j]))
+                fmt(v, not ref and v is not None and best[j] is not None and round(v, digits[j]) == best[j], digits[j])
                 for j, v in enumerate(vals)
             ]
-            out.append("| " + " | ".join([label] + cells) + " |")
-        return "\n".join(out)
+            out.append("| " + " | ".join(labels + cells) + " |")
+        return out
+
+    def head(self):
+        return ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+
+    def render(self, lower_is_better):
+        return "\n".join(self.head() + self.body(lower_is_better))
 
 
 def main():
@@ -68,8 +81,32 @@ def main():
     p.add_argument("--note", default="", help="a line printed under the title (e.g. the model shape)")
     a = p.parse_args()
 
-    rows = read_rows(a.csv, "table.py")
-    suites = ordered(r["suite"] for r in rows)
+    all_rows = read_rows(a.csv, "table.py")
+    suites = ordered(r["suite"] for r in all_rows)
+    rows = policy_rows(all_rows)
+    suite_list = ", ".join(suites)
+    print(f"# kvc quality: {suite_list}\n")
+    if a.note:
+        print(a.note + "\n")
+    failed = ordered(
+        f"{mix_name(r) if r['byte_budget'] is not None else r['scorer'] + '/' + r['budget']} ({r['suite']}): "
+        f"{r['error']}"
+        for r in all_rows
+        if r.get("error")
+    )
+    if failed:
+        print("Policies that could not compress (no numbers):\n")
+        for f in failed:
+            print(f"- {f}")
+        print()
+    if rows:
+        policy_tables(rows, suites, a)
+    if codec_rows(all_rows):
+        codec_table(codec_rows(all_rows), suites)
+
+
+def policy_tables(rows, suites, a):
+    suite_list = ", ".join(suites)
     scorers = ordered(r["scorer"] for r in rows)
     budgets = ordered(r["budget"] for r in rows)
     ratios = sorted(set(r["ratio"] for r in rows) - {0.0})
@@ -81,17 +118,6 @@ def main():
     def get(suite, scorer, budget, ratio, metric):
         r = at.get((suite, scorer, budget, ratio))
         return None if r is None else value(r, metric)
-
-    suite_list = ", ".join(suites)
-    print(f"# kvc quality: {suite_list}\n")
-    if a.note:
-        print(a.note + "\n")
-    failed = ordered(f"{r['scorer']}/{r['budget']} ({r['suite']}): {r['error']}" for r in rows if r.get("error"))
-    if failed:
-        print("Policies that could not compress (no numbers):\n")
-        for f in failed:
-            print(f"- {f}")
-        print()
 
     # 1. Headline.
     print(
@@ -158,6 +184,52 @@ def main():
             lines[i + 2] = " | ".join(cells) + " |"
         print("\n".join(lines))
         print()
+
+
+def codec_table(rows, suites):
+    """4. Per byte budget, every mix: bytes, kept, error (mean and per suite), needle hit rate."""
+    suites = [su for su in suites if any(r["suite"] == su for r in rows)]
+    needle_suites = [su for su in suites if any(value(r, "needle_hit") is not None for r in rows if r["suite"] == su)]
+    print(
+        "**Eviction, quantization and both at equal bytes.** Per byte budget (a fraction of the bytes of the "
+        "f16 cache holding every token), each mix: the bytes its compressed sequence holds (`stats()`, same "
+        "unit), the fraction of tokens it keeps, the relative L2 error of the held-out queries' attention "
+        "output against the uncompressed f32 cache (lower is better), mean over the suites and per suite"
+        + (", and the needle hit rate, mean over the suites with needles (higher is better)" if needle_suites else "")
+        + ". `f16 + S` evicts with scorer S (eviction alone), `C alone` quantizes with codec C and keeps every "
+        "token, `C + S` does both. Bold: the best value of a column within its budget among the mixes that do "
+        "not evict with the oracle.\n"
+    )
+    header = ["budget", "mix", "bytes", "kept", "error mean"] + [f"error {su}" for su in suites]
+    header += ["needle hit"] if needle_suites else []
+    lower = [None, None, True] + [True] * len(suites) + ([False] if needle_suites else [])
+    digits = [3, 3] + [4] * (1 + len(suites)) + ([3] if needle_suites else [])  # errors go down to 1e-4
+    out = Table(header).head()
+    winners = []
+
+    def mean_of(group, metric, among):
+        return mean(value(r, metric) for r in group if r["suite"] in among)
+
+    for b in ordered(r["byte_budget"] for r in rows):
+        at_budget = [r for r in rows if r["byte_budget"] == b]
+        t = Table(header, digits)  # one per budget: bold marks the best within it
+        contenders = []
+        for i, m in enumerate(ordered(mix_name(r) for r in at_budget)):
+            group = [r for r in at_budget if mix_name(r) == m]
+            vals = [mean_of(group, metric, suites) for metric in ("bytes", "kept", "rel_error")]
+            vals += [mean_of(group, "rel_error", [su]) for su in suites]
+            vals += [mean_of(group, "needle_hit", needle_suites)] if needle_suites else []
+            oracle = group[0]["scorer"] == "oracle"
+            t.add([f"{b:.3f}" if i == 0 else "", m], vals, reference=oracle)
+            if not oracle and vals[2] is not None:
+                contenders.append((vals[2], m))
+        out += t.body(lower)
+        if contenders:
+            winners.append(f"{b:.3f}: {min(contenders)[1]} ({min(contenders)[0]:.4f})")
+    print("\n".join(out))
+    print()
+    print("Least mean error per budget: " + "; ".join(winners) + ".")
+    print()
 
 
 if __name__ == "__main__":
