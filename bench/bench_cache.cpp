@@ -14,6 +14,11 @@
 //   compress     kvc::evict(knorm, uniform::keep_fraction(0.5)) over one layer; context
 //                tokens and token-heads per second. The sequence is refilled outside the
 //                timed region before every call.
+//   code_kernels the fused kernels of quantized pages alone, on one 64-token page in L1
+//                (head_dim 128, the 4 query heads of a GQA group): keys (q.k from the codes)
+//                and values (p.v into 4 outputs), ns per token and KV head, for the kernels
+//                attend uses (integer kernels for 2, 4 and 8 bits with AVX2) and, in the
+//                same run, the float kernels they replace.
 //
 // Every benchmark times itself (manual time, wall clock), so rates are bytes or tokens
 // divided by the time spent inside the measured call only.
@@ -404,6 +409,87 @@ void quantized_attend_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"ctx", "page"})->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 
+// ------------------------------------------------------------------ code kernels
+
+// One page of 64 rows of random B-bit codes (d = 128) and what the kernels read with it.
+template <int Bits>
+struct code_page {
+  static constexpr int rows = 64, d = head_dim, nq = 4, groups = head_dim / 32;
+  std::size_t stride = kvc::detail::packed_bytes(d, Bits);
+  std::vector<std::uint8_t> codes;
+  std::vector<float> w, p, scale, zero, out, acc;
+  code_page() {
+    rng r{11};
+    std::vector<std::uint8_t> c(static_cast<std::size_t>(d));
+    codes.resize(rows * stride);
+    for (int t = 0; t < rows; ++t) {
+      for (auto& x : c) {
+        r.next();
+        x = static_cast<std::uint8_t>((r.s >> 33) % (1u << Bits));
+      }
+      kvc::detail::pack_codes(c.data(), d, Bits, codes.data() + static_cast<std::size_t>(t) * stride);
+    }
+    w.resize(nq * d);
+    p.resize(nq * rows);
+    scale.resize(rows * groups);
+    zero.resize(scale.size());
+    r.fill(w);
+    r.fill(p);
+    r.fill(scale);
+    r.fill(zero);
+    for (float& x : p) x = std::fabs(x);
+    for (float& x : scale) x = std::fabs(x) * 0.1f;
+    out.resize(nq * rows);
+    acc.assign(nq * d, 0.0f);
+  }
+};
+
+// Which kernels: 0 the ones attend uses, 1 the float kernels (AVX2 builds).
+template <int Bits, int Which>
+void BM_code_kernels(benchmark::State& state) {
+  if (Which == 1 && !kvc::detail::code_kernels_simd) {
+    state.SkipWithError("no AVX2 float kernels in this build");
+    return;
+  }
+  code_page<Bits> pg;
+  const bool values = state.range(0) != 0;
+  using page_t = code_page<Bits>;
+  for (auto _ : state) {
+    if (!values) {
+      if constexpr (Which == 0) {
+        kvc::detail::dot_code_rows<Bits>(pg.w.data(), page_t::nq, pg.codes.data(), pg.stride, page_t::rows, page_t::d,
+                                         pg.out.data());
+      } else {
+#if KVC_CODE_KERNELS_AVX2
+        kvc::detail::code_kernel::avx2::dot_rows_simd<Bits, false>(pg.w.data(), page_t::nq, pg.codes.data(), pg.stride,
+                                                                   page_t::rows, page_t::d, pg.out.data());
+#endif
+      }
+      benchmark::DoNotOptimize(pg.out.data());
+    } else {
+      if constexpr (Which == 0) {
+        kvc::detail::accumulate_code_rows<Bits>(pg.p.data(), page_t::nq, pg.codes.data(), pg.stride, page_t::rows,
+                                                page_t::d, 32, pg.scale.data(), pg.zero.data(), pg.acc.data());
+      } else {
+#if KVC_CODE_KERNELS_AVX2
+        kvc::detail::code_kernel::avx2::accumulate_rows_simd<Bits, false>(
+            pg.p.data(), page_t::nq, pg.codes.data(), pg.stride, page_t::rows, page_t::d, 32, pg.scale.data(),
+            pg.zero.data(), pg.acc.data());
+#endif
+      }
+      benchmark::DoNotOptimize(pg.acc.data());
+    }
+    benchmark::ClobberMemory();
+  }
+  // Per token and KV head: one row of codes against the 4 query heads of its group.
+  state.counters["ns/token-head"] =
+      benchmark::Counter(static_cast<double>(page_t::rows) * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["integer"] = Which == 0 && kvc::detail::integer_code_kernels<Bits>(page_t::d, values ? 32 : 0);
+}
+
+void code_kernel_args(benchmark::internal::Benchmark* b) { b->ArgNames({"values"})->Arg(0)->Arg(1); }
+
 void append_args(benchmark::internal::Benchmark* b) {
   for (int chunk : {1, 1024})
     for (int n : {1 << 10, 16 << 10, 64 << 10}) b->Args({n, chunk});
@@ -425,6 +511,12 @@ BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<4>)->Apply(quantized_attend_args)
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<2>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::gear<kvc::codec::kivi<4>>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::gear<kvc::codec::kivi<2>>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_code_kernels, 2, 0)->Apply(code_kernel_args);
+BENCHMARK_TEMPLATE(BM_code_kernels, 2, 1)->Apply(code_kernel_args);
+BENCHMARK_TEMPLATE(BM_code_kernels, 4, 0)->Apply(code_kernel_args);
+BENCHMARK_TEMPLATE(BM_code_kernels, 4, 1)->Apply(code_kernel_args);
+BENCHMARK_TEMPLATE(BM_code_kernels, 8, 0)->Apply(code_kernel_args);
+BENCHMARK_TEMPLATE(BM_code_kernels, 8, 1)->Apply(code_kernel_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f32)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f16)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::bf16)->Apply(append_args);
