@@ -935,15 +935,10 @@ constexpr int units(int d) noexcept {
   return Bits == 2 ? 4 * ((d / 32 + 1) / 2) : d / 16;
 }
 
-// Channel of lane 0 of unit u and of lane 8 (the second half of eight lanes); -1: no channel.
-template <int Bits>
-constexpr int unit_channel(int d, int u, int half) noexcept {
-  if constexpr (Bits == 2) {
-    const int c = 64 * (u / 4) + 32 * half + 8 * (u % 4);
-    return c < d ? c : -1;
-  } else {
-    return 16 * u + 8 * half;
-  }
+// For B = 2: the channel of lane 0 (half 0) or lane 8 (half 1) of unit u; -1: past d.
+constexpr int pair_unit_channel(int d, int u, int half) noexcept {
+  const int c = 64 * (u / 4) + 32 * half + 8 * (u % 4);
+  return c < d ? c : -1;
 }
 
 // The largest integer weight L for which n products of it and a B-bit code sum inside int32.
@@ -960,7 +955,7 @@ inline float lane_max(__m256 v) noexcept {
   return _mm_cvtss_f32(m);
 }
 
-// out[i] = round(x[i] / a) for i < n (n a multiple of 16), a = max |x| / L; returns a (0 when
+// out[i] = round(x[i] / a) for i < n (n a multiple of 8), a = max |x| / L; returns a (0 when
 // every x is 0).
 inline float round_weights(const float* x, int n, int L, std::int16_t* out) noexcept {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -972,10 +967,10 @@ inline float round_weights(const float* x, int n, int L, std::int16_t* out) noex
     return 0.0f;
   }
   const __m256 inv = _mm256_set1_ps(static_cast<float>(L) / m);
-  for (int i = 0; i < n; i += 16) {
-    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
-    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+  for (int i = 0; i < n; i += 8) {
+    const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(r, r), 0xD8)));
   }
   return m / static_cast<float>(L);
 }
@@ -987,7 +982,7 @@ inline void to_unit_order(const std::int16_t* w, int d, std::int16_t* out) noexc
   if constexpr (Bits == 2) {
     for (int u = 0; u < units<Bits>(d); ++u)
       for (int h = 0; h < 2; ++h) {
-        const int c = unit_channel<Bits>(d, u, h);
+        const int c = pair_unit_channel(d, u, h);
         if (c >= 0)
           std::memcpy(out + 16 * u + 8 * h, w + c, 8 * sizeof(std::int16_t));
         else
@@ -1005,18 +1000,37 @@ inline __m256i widen8(const std::uint8_t* p) noexcept {
   return _mm256_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Unit J of a block in channel order: sixteen channels 16 J .. 16 J + 15 (B = 8: of the
+// block's half at p; B = 4: its low, then high nibbles; B = 2 (values only; keys read pairs
+// of blocks, for_units): lanes 0-7 are bits 4J, 4J + 1 and lanes
+// 8-15 bits 4J + 2, 4J + 3 of the block's eight bytes, read twice by one load).
+template <int Bits, int J>
+KVC_CODE_INLINE __m256i unit_at(const std::uint8_t* p) noexcept {
+  if constexpr (Bits == 8) {
+    return widen16(p);
+  } else if constexpr (Bits == 4) {
+    const __m256i x = widen16(p);
+    return J == 0 ? _mm256_and_si256(x, _mm256_set1_epi16(15)) : _mm256_srli_epi16(x, 4);
+  } else {
+    const __m256i x = _mm256_cvtepu8_epi16(_mm_castpd_si128(_mm_loaddup_pd(reinterpret_cast<const double*>(p))));
+    // Shifting 32-bit lanes moves bits of a lane's upper int16 into its lower one, above the
+    // two bits kept.
+    const __m256i y =
+        _mm256_srlv_epi32(x, _mm256_setr_epi32(4 * J, 4 * J, 4 * J, 4 * J, 4 * J + 2, 4 * J + 2, 4 * J + 2, 4 * J + 2));
+    return _mm256_and_si256(y, _mm256_set1_epi16(3));
+  }
+}
+
 // f(u, c0, c1) for every unit u of rows r0 and r1 (c0, c1: their codes, int16 lanes).
 template <int Bits, class F>
 KVC_CODE_INLINE void for_units(const std::uint8_t* r0, const std::uint8_t* r1, int d, F&& f) noexcept {
   const int nb = d / 32;
   if constexpr (Bits == 8) {
-    for (int u = 0; u < 2 * nb; ++u) f(u, widen16(r0 + 16 * u), widen16(r1 + 16 * u));
+    for (int u = 0; u < 2 * nb; ++u) f(u, unit_at<8, 0>(r0 + 16 * u), unit_at<8, 0>(r1 + 16 * u));
   } else if constexpr (Bits == 4) {
-    const __m256i m = _mm256_set1_epi16(15);
     for (int b = 0; b < nb; ++b) {
-      const __m256i x0 = widen16(r0 + 16 * b), x1 = widen16(r1 + 16 * b);
-      f(2 * b, _mm256_and_si256(x0, m), _mm256_and_si256(x1, m));
-      f(2 * b + 1, _mm256_srli_epi16(x0, 4), _mm256_srli_epi16(x1, 4));
+      f(2 * b, unit_at<4, 0>(r0 + 16 * b), unit_at<4, 0>(r1 + 16 * b));
+      f(2 * b + 1, unit_at<4, 1>(r0 + 16 * b), unit_at<4, 1>(r1 + 16 * b));
     }
   } else {
     const __m256i m = _mm256_set1_epi16(3);
@@ -1130,26 +1144,6 @@ struct value_weights {
   float zs[4][max_d / 32];
 };
 
-// Value unit J of a block: sixteen channels 16 J .. 16 J + 15 (B = 8: of the block's
-// half at p; B = 4: its low, then high nibbles; B = 2: lanes 0-7 are bits 4J, 4J + 1 and lanes
-// 8-15 bits 4J + 2, 4J + 3 of the block's eight bytes, read twice by one load).
-template <int Bits, int J>
-KVC_CODE_INLINE __m256i value_unit_at(const std::uint8_t* p) noexcept {
-  if constexpr (Bits == 8) {
-    return widen16(p);
-  } else if constexpr (Bits == 4) {
-    const __m256i x = widen16(p);
-    return J == 0 ? _mm256_and_si256(x, _mm256_set1_epi16(15)) : _mm256_srli_epi16(x, 4);
-  } else {
-    const __m256i x = _mm256_cvtepu8_epi16(_mm_castpd_si128(_mm_loaddup_pd(reinterpret_cast<const double*>(p))));
-    // Shifting 32-bit lanes moves bits of a lane's upper int16 into its lower one, above the
-    // two bits kept.
-    const __m256i y =
-        _mm256_srlv_epi32(x, _mm256_setr_epi32(4 * J, 4 * J, 4 * J, 4 * J, 4 * J + 2, 4 * J + 2, 4 * J + 2, 4 * J + 2));
-    return _mm256_and_si256(y, _mm256_set1_epi16(3));
-  }
-}
-
 // Channels [c, c + 16) (one unit, in one group k) over the rows of a chunk: the int32 sums of
 // rows 2 tp and 2 tp + 1 times their weights, the int16 pair at w[q] + 2 tp; then
 // acc[q][c ..] += beta (sums) + the zero-point sums.
@@ -1163,7 +1157,7 @@ KVC_CODE_INLINE void value_unit(const value_weights& vw, const std::uint8_t* at,
   for (int tp = 0; tp < pairs; ++tp) {
     const std::uint8_t* r0 = at + static_cast<std::size_t>(2 * tp) * stride;
     const std::uint8_t* r1 = 2 * tp + 1 < T ? r0 + stride : r0;  // weight 0 past T
-    const __m256i x0 = value_unit_at<Bits, J>(r0), x1 = value_unit_at<Bits, J>(r1);
+    const __m256i x0 = unit_at<Bits, J>(r0), x1 = unit_at<Bits, J>(r1);
     const __m256i l = _mm256_unpacklo_epi16(x0, x1), h = _mm256_unpackhi_epi16(x0, x1);
     KVC_CODE_UNROLL
     for (int q = 0; q < Q; ++q) {
@@ -1246,35 +1240,18 @@ inline void value_factors_int(const float* p, std::size_t ns, int Q, int t0, int
   params(scale, st, pad[0]);
   if (zero != nullptr) params(zero, zt, pad[1]);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int q = 0; q < Q; ++q) {
     const float* pq = p + static_cast<std::size_t>(q) * ns + t0;
     for (int k = 0; k < ng; ++k) {
-      __m256 zsum = _mm256_setzero_ps(), mx = _mm256_setzero_ps();
+      __m256 zsum = _mm256_setzero_ps();
       for (int t = 0; t < T8; t += 8) {
         const __m256 pv = t + 8 <= T ? _mm256_loadu_ps(pq + t)
                                      : _mm256_maskload_ps(pq + t, _mm256_cmpgt_epi32(_mm256_set1_epi32(T - t), lanes));
-        const __m256 av = _mm256_mul_ps(pv, _mm256_load_ps(st[k] + t));
-        _mm256_store_ps(a + t, av);
-        mx = _mm256_max_ps(mx, _mm256_and_ps(av, abs_mask));
+        _mm256_store_ps(a + t, _mm256_mul_ps(pv, _mm256_load_ps(st[k] + t)));
         if (zero != nullptr) zsum = _mm256_fmadd_ps(pv, _mm256_load_ps(zt[k] + t), zsum);
       }
-      std::int16_t* out = vw.a[q][k];
-      const float m = lane_max(mx);
-      if (!(m > 0.0f)) {
-        std::memset(out, 0, sizeof(std::int16_t) * static_cast<std::size_t>(T8 + 2));
-        vw.beta[q][k] = 0.0f;
-      } else {
-        const __m256 inv = _mm256_set1_ps(32767.0f / m);
-        for (int t = 0; t < T8; t += 8) {
-          const __m128i r = _mm256_castsi256_si128(_mm256_permute4x64_epi64(
-              _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(a + t), inv)), _mm256_setzero_si256()),
-              0xD8));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + t), r);
-        }
-        out[T] = 0;  // the partner of an odd last row
-        vw.beta[q][k] = m / 32767.0f;
-      }
+      vw.beta[q][k] = round_weights(a, T8, 32767, vw.a[q][k]);
+      vw.a[q][k][T] = 0;  // the partner of an odd last row
       vw.zs[q][k] = avx2::lane_sum(zsum);
     }
   }
