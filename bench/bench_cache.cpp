@@ -490,6 +490,42 @@ void BM_code_kernels(benchmark::State& state) {
 
 void code_kernel_args(benchmark::internal::Benchmark* b) { b->ArgNames({"values"})->Arg(0)->Arg(1); }
 
+// The floor under BM_code_kernels: a token and KV head takes nq d = 512 multiply-adds for its
+// logits and as many for its values, which the integer kernels do as 32 VPMADDWD (sixteen
+// products each) and 32 VPADDD. This times exactly those instructions, 64 rows at a time, in
+// eight independent sums with every operand in registers: no unpacking, loads or softmax. The
+// float kernels need as many FMAs (eight products each, two issued a cycle), so it bounds
+// them too. ns per token and KV head for one kernel (keys or values).
+void BM_mac_floor(benchmark::State& state) {
+#if KVC_CODE_KERNELS_AVX2 && (defined(__GNUC__) || defined(__clang__))
+  using page_t = code_page<4>;
+  constexpr int pairs = page_t::nq * page_t::d / 16;  // per row
+  static_assert(pairs % 8 == 0, "eight sums");
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  __m256i x = _mm256_set1_epi16(3);
+  const __m256i y = _mm256_set1_epi16(5);
+  // A new product each time (x is opaque to the compiler): none is hoisted or shared.
+  const auto mac = [&x, &y](__m256i& a) {
+    a = _mm256_add_epi32(a, _mm256_madd_epi16(x, y));
+    __asm__("" : "+x"(x));
+  };
+  for (auto _ : state) {
+    for (int r = 0; r < page_t::rows; ++r)
+      for (int i = 0; i < pairs; i += 8) {
+        mac(a0), mac(a1), mac(a2), mac(a3), mac(a4), mac(a5), mac(a6), mac(a7);
+      }
+    benchmark::DoNotOptimize(a0), benchmark::DoNotOptimize(a1), benchmark::DoNotOptimize(a2);
+    benchmark::DoNotOptimize(a3), benchmark::DoNotOptimize(a4), benchmark::DoNotOptimize(a5);
+    benchmark::DoNotOptimize(a6), benchmark::DoNotOptimize(a7);
+  }
+  state.counters["ns/token-head"] =
+      benchmark::Counter(static_cast<double>(page_t::rows) * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+#else
+  state.SkipWithError("no AVX2 in this build");
+#endif
+}
+
 void append_args(benchmark::internal::Benchmark* b) {
   for (int chunk : {1, 1024})
     for (int n : {1 << 10, 16 << 10, 64 << 10}) b->Args({n, chunk});
@@ -517,12 +553,17 @@ BENCHMARK_TEMPLATE(BM_code_kernels, 4, 0)->Apply(code_kernel_args);
 BENCHMARK_TEMPLATE(BM_code_kernels, 4, 1)->Apply(code_kernel_args);
 BENCHMARK_TEMPLATE(BM_code_kernels, 8, 0)->Apply(code_kernel_args);
 BENCHMARK_TEMPLATE(BM_code_kernels, 8, 1)->Apply(code_kernel_args);
+BENCHMARK(BM_mac_floor);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f32)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f16)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::bf16)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_compress, kvc::codec::f32)->Apply(compress_args);
 BENCHMARK_TEMPLATE(BM_compress, kvc::codec::f16)->Apply(compress_args);
 BENCHMARK_TEMPLATE(BM_compress, kvc::codec::bf16)->Apply(compress_args);
+BENCHMARK_TEMPLATE(BM_compress, kvc::codec::int8)->Apply(compress_args);
+BENCHMARK_TEMPLATE(BM_compress, kvc::codec::kivi<4>)->Apply(compress_args);
+BENCHMARK_TEMPLATE(BM_compress, kvc::codec::kivi<2>)->Apply(compress_args);
+BENCHMARK_TEMPLATE(BM_compress, kvc::codec::gear<kvc::codec::kivi<2>>)->Apply(compress_args);
 
 }  // namespace
 

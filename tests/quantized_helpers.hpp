@@ -121,24 +121,13 @@ struct tag {
   using type = T;
 };
 
-// The codec a correcting codec (gear<Base>) builds on, down to a quantizer.
-template <class C, class = void>
-struct base_of {
-  using type = C;
-};
-template <class C>
-struct base_of<C, std::void_t<typename C::base>> {
-  using type = typename base_of<typename C::base>::type;
-};
-
 // Whether attention on codec C (a key or value role) at head_dim d runs the integer code
 // kernels, which round the query rows times the key scales and the attention weights times
 // the value scales to 16 bits (2^-16 of each row's largest term; code_kernels.hpp, "Integer
-// kernels").
+// kernels"): the codec's integer_attention member (codec.hpp).
 template <class C>
 bool integer_kernels(int d) {
-  using B = typename base_of<C>::type;
-  return std::string(B::name).rfind("kivi", 0) == 0 && kvc::detail::integer_code_kernels<B::bits>(d, 32);
+  return kvc::detail::integer_attention_v<C>(d);
 }
 
 // attend() computes q.k and p.v from the codes page by page (codec key_logits and

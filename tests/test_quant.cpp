@@ -324,6 +324,41 @@ TEST(QuantMinmax, CodeRoundingAndClamping) {
   EXPECT_EQ(kvc::detail::quantize_code(-2.5f, 0.5f, -3.0f, 4), 1);
 }
 
+// quantize_codes (eight channels at a time where AVX2 is built) gives quantize_code's code in
+// every channel: the hand-worked ties and clampings of CodeRoundingAndClamping, s = 0
+// channels, and random grids. add_grid_errors adds w (z + s q - x)^2 per channel, checked
+// against the sum in double of the codes above; the row-wise error of reencode's grid choice.
+TEST(QuantMinmax, VectorCodesAndErrorsMatchScalar) {
+  for (int bits : {2, 3, 4, 8}) {
+    SCOPED_TRACE("bits " + std::to_string(bits));
+    const int m = 45;  // five vectors of eight and a tail of five
+    std::mt19937 rng(static_cast<unsigned>(40 + bits));
+    std::normal_distribution<float> g;
+    std::vector<float> x(m), sc(m), z(m), w(m);
+    for (int i = 0; i < m; ++i) {
+      z[i] = half_to_float_scalar(float_to_half_scalar(g(rng)));
+      sc[i] = i % 9 == 4 ? 0.0f : half_to_float_scalar(float_to_half_scalar(std::fabs(g(rng)) * 0.3f));
+      x[i] = i % 7 == 0 ? z[i] + sc[i] * (static_cast<float>(i % 5) + 0.5f)  // a tie
+                        : z[i] + g(rng) * static_cast<float>(1 << bits) * 0.2f;
+      w[i] = i % 4 == 3 ? 0.0f : 1.0f;
+    }
+    x[1] = z[1] - 100.0f;  // clamped below
+    x[2] = z[2] + 1e4f;    // clamped above
+    std::vector<std::uint8_t> codes(m);
+    kvc::detail::quantize_codes(x.data(), m, sc.data(), z.data(), bits, codes.data());
+    std::vector<double> cost(m, 0.5);
+    kvc::detail::add_grid_errors(x.data(), m, sc.data(), z.data(), w.data(), bits, cost.data());
+    for (int i = 0; i < m; ++i) {
+      const int q = kvc::detail::quantize_code(x[i], sc[i], z[i], bits);
+      EXPECT_EQ(codes[i], q) << i;
+      const double e = static_cast<double>(z[i]) + static_cast<double>(sc[i]) * q - static_cast<double>(x[i]);
+      // The float residual of a float z + s q - x: at most a few ulps of the larger term.
+      const double ulp = 4e-7 * (std::fabs(z[i]) + std::fabs(sc[i] * q) + std::fabs(x[i]));
+      EXPECT_NEAR(cost[i], 0.5 + w[i] * e * e, 2.0 * ulp * std::fabs(e) + ulp * ulp + 1e-12) << i;
+    }
+  }
+}
+
 // A constant group has s = 0 and all codes 0, reading back z = f16(x).
 TEST(QuantMinmax, ConstantGroup) {
   const float x[5] = {0.3f, 0.3f, 0.3f, 0.3f, 0.3f};

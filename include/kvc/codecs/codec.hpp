@@ -33,6 +33,11 @@
 //                                       acc[g * head_dim + c] += sum_t p[g * T + t] v~_{first + t, c}, T <= 64
 //        bias_floats(head_dim)          constexpr, not decreasing in head_dim: the cache sizes
 //                                       bias for max_head_dim
+//        integer_attention(head_dim)    constexpr, optional: true where these members round
+//                                       the query rows times the key scales, or the weights
+//                                       times the value scales, to 16-bit integers (the integer
+//                                       code kernels; detail::integer_attention_v says false
+//                                       without it)
 //   token_granular = false            rows of a sealed page cannot move alone (they share
 //        parameters): compaction decodes the kept rows of each changed page and encodes
 //        them again, with reencode when the codec has it (copy_rows is then never called)
@@ -246,6 +251,20 @@ struct fused_impl<T, std::void_t<decltype(T::fused)>> : std::bool_constant<T::fu
 // True when attend() reads T's pages through its fused members.
 template <class T>
 inline constexpr bool fused_v = fused_impl<T>::value;
+
+template <class T, class = void>
+struct has_integer_attention : std::false_type {};
+template <class T>
+struct has_integer_attention<T, std::void_t<decltype(T::integer_attention(1))>> : std::true_type {};
+// True when T's fused attention at head_dim d rounds its weights to 16 bits (see
+// integer_attention above); false for codecs without the member.
+template <class T>
+constexpr bool integer_attention_v(int d) noexcept {
+  if constexpr (has_integer_attention<T>::value)
+    return T::integer_attention(d);
+  else
+    return (void)d, false;
+}
 }  // namespace detail
 
 // True when T satisfies the codec interface above.

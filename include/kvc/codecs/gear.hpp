@@ -214,6 +214,11 @@ struct page_codec {
   static constexpr auto bias_floats(int d) noexcept -> decltype(B::bias_floats(d)) {
     return B::bias_floats(d) + d + Rank;
   }
+  // Base's kernels give its logits and values; the correction terms are float.
+  template <class B = Base>
+  static constexpr auto integer_attention(int d) noexcept -> decltype(B::integer_attention(d)) {
+    return B::integer_attention(d);
+  }
 
   template <class B = Base>
   static auto prepare_queries(const std::byte* page, int d, int page_tokens, const float* const* q, int nq, float* w,

@@ -168,15 +168,17 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
   static const std::uint16_t* scales(const std::byte* page) noexcept {
     return reinterpret_cast<const std::uint16_t*>(page);
   }
+  static std::uint16_t* scales(std::byte* page) noexcept { return reinterpret_cast<std::uint16_t*>(page); }
   static const std::uint16_t* zeros(const std::byte* page, int d) noexcept { return scales(page) + d; }
+  static std::uint16_t* zeros(std::byte* page, int d) noexcept { return scales(page) + d; }
   static const std::uint8_t* codes(const std::byte* page, int d) noexcept {
     return reinterpret_cast<const std::uint8_t*>(page + codes_offset(d));
   }
 
   // Rows [0, n) of a page from float [n][d]: parameters over those n rows.
   static void encode(const float* src, int n, int d, int /*page_tokens*/, std::byte* page) noexcept {
-    std::uint16_t* scale = reinterpret_cast<std::uint16_t*>(page);
-    std::uint16_t* zero = scale + d;
+    std::uint16_t* scale = scales(page);
+    std::uint16_t* zero = zeros(page, d);
     std::uint8_t* out = reinterpret_cast<std::uint8_t*>(page + codes_offset(d));
     if constexpr (R == rotation::none) {
       detail::quantize_rows_per_channel(src, n, d, Bits, out, scale, zero);
@@ -239,27 +241,29 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
     alignas(32) float sf[max_head_dim_rows], zf[max_head_dim_rows];
     detail::half_to_float(scale, sf, static_cast<std::size_t>(d));
     detail::half_to_float(zero, zf, static_cast<std::size_t>(d));
+    // keep[o][c]: channel c took source o's grid, so o's rows keep their codes there.
+    bool keep[max_grids][max_head_dim_rows];
+    bool any[max_grids] = {};
+    for (int o = 0; o < ns; ++o)
+      for (int c = 0; c < d; ++c) {
+        keep[o][c] = scales(sources[o])[c] == scale[c] && zeros(sources[o], d)[c] == zero[c];
+        any[o] = any[o] || keep[o][c];
+      }
     std::uint8_t from[max_head_dim_rows], code[max_head_dim_rows];
     std::uint8_t* out = reinterpret_cast<std::uint8_t*>(page + codes_offset(d));
     // Row by row upwards: a row of `page` itself is read before the slot it is in is written.
     for (int r = 0; r < n; ++r) {
-      const float* x = rows + static_cast<std::size_t>(r) * d;
       const int o = source_of(origin[r], ns);
-      if (o >= 0) {
+      detail::quantize_codes(rows + static_cast<std::size_t>(r) * d, d, sf, zf, Bits, code);
+      if (o >= 0 && any[o]) {
         detail::unpack_codes(codes(sources[o], d) + static_cast<std::size_t>(origin[r].row) * row_bytes(d), d, Bits,
                              from);
-        const std::uint16_t* os = scales(sources[o]);
-        const std::uint16_t* oz = zeros(sources[o], d);
-        for (int c = 0; c < d; ++c)
-          code[c] = os[c] == scale[c] && oz[c] == zero[c] ? from[c] : detail::quantize_code(x[c], sf[c], zf[c], Bits);
-      } else {
-        for (int c = 0; c < d; ++c) code[c] = detail::quantize_code(x[c], sf[c], zf[c], Bits);
+        for (int c = 0; c < d; ++c) code[c] = keep[o][c] ? from[c] : code[c];
       }
       detail::pack_codes(code, d, Bits, out + static_cast<std::size_t>(r) * row_bytes(d));
     }
-    std::memcpy(page, scale, sizeof(std::uint16_t) * static_cast<std::size_t>(d));
-    std::memcpy(page + sizeof(std::uint16_t) * static_cast<std::size_t>(d), zero,
-                sizeof(std::uint16_t) * static_cast<std::size_t>(d));
+    std::memcpy(scales(page), scale, sizeof(std::uint16_t) * static_cast<std::size_t>(d));
+    std::memcpy(zeros(page, d), zero, sizeof(std::uint16_t) * static_cast<std::size_t>(d));
   }
 
   // Fused attention. For each of the nq query rows q[g]: w[g] [d] = rotated q times each
@@ -287,6 +291,8 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
       for (int t = 0; t < T; ++t) out[g * T + t] += bias[g];
   }
   static constexpr int bias_floats(int /*d*/) noexcept { return 1; }
+  // True where key_logits runs the integer code kernels (16-bit query rows; code_kernels.hpp).
+  static constexpr bool integer_attention(int d) noexcept { return detail::integer_code_kernels<Bits>(d); }
 
  private:
   static constexpr int max_head_dim_rows = 512;
@@ -307,6 +313,17 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
     float counted[max_grids][max_grids][32];
     for (int c0 = 0; c0 < d; c0 += 32) {
       const int m = d - c0 < 32 ? d - c0 : 32;
+      // The rows' range per channel, a row at a time.
+      float lo[32], hi[32];
+      std::memcpy(lo, x + c0, sizeof(float) * static_cast<std::size_t>(m));
+      std::memcpy(hi, x + c0, sizeof(float) * static_cast<std::size_t>(m));
+      for (int r = 1; r < n; ++r) {
+        const float* xr = x + static_cast<std::size_t>(r) * d + c0;
+        for (int i = 0; i < m; ++i) {
+          lo[i] = xr[i] < lo[i] ? xr[i] : lo[i];
+          hi[i] = xr[i] > hi[i] ? xr[i] : hi[i];
+        }
+      }
       for (int k = 0; k <= ns; ++k) {
         for (int i = 0; i < m; ++i) {
           std::uint16_t sk, zk;
@@ -314,13 +331,7 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
             sk = scales(sources[k])[c0 + i];
             zk = zeros(sources[k], d)[c0 + i];
           } else {
-            float lo = x[c0 + i], hi = lo;
-            for (int r = 1; r < n; ++r) {
-              const float v = x[static_cast<std::size_t>(r) * d + c0 + i];
-              lo = v < lo ? v : lo;
-              hi = v > hi ? v : hi;
-            }
-            const detail::minmax p = detail::minmax_from_range(lo, hi, Bits);
+            const detail::minmax p = detail::minmax_from_range(lo[i], hi[i], Bits);
             sk = p.scale;
             zk = p.zero;
           }
@@ -340,12 +351,7 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
         const int o = source_of(origin[r], ns);
         for (int k = 0; k <= ns; ++k) {
           if (k == o) continue;  // the row's own grid: no error in any channel
-          const float* w = counted[o + 1][k];
-          for (int i = 0; i < m; ++i) {
-            const float q = static_cast<float>(detail::quantize_code(xr[i], s[k][i], z[k][i], Bits));
-            const float e = z[k][i] + s[k][i] * q - xr[i];
-            cost[k][i] += static_cast<double>(w[i] * e * e);
-          }
+          detail::add_grid_errors(xr, m, s[k], z[k], counted[o + 1][k], Bits, cost[k]);
         }
       }
       for (int i = 0; i < m; ++i) {
@@ -442,6 +448,12 @@ struct kivi_token : detail::qcodec::quantized_base<kivi_token<Bits, Group, R>> {
     }
   }
   static constexpr int bias_floats(int d) noexcept { return groups(d); }
+  // True where key_logits (one group of min(Group, d) channels at a time) or accumulate_values
+  // run the integer code kernels (16-bit weights; code_kernels.hpp).
+  static constexpr bool integer_attention(int d) noexcept {
+    return detail::integer_code_kernels<Bits>(d, Group) || detail::integer_code_kernels<Bits>(Group < d ? Group : d) ||
+           (d > Group && d % Group != 0 && detail::integer_code_kernels<Bits>(d % Group));
+  }
   // T <= fused_tokens tokens per call.
   static void key_logits(const std::byte* page, int first, int T, int d, int page_tokens, const float* w,
                          const float* bias, int nq, float* out) noexcept {
