@@ -182,29 +182,52 @@ inline void gear_orthonormalize(float* q, std::size_t len, std::size_t r) noexce
   }
 }
 
-// p[j][i] = sum_c R[i][c] q[j][c]  (R [n][d]; q [r][d]; p [r][n]).
+// p[j][i] = sum_c R[i][c] q[j][c]  (R [n][d]; q [r][d]; p [r][n]). Each sum runs in order of
+// c; eight rows at a time, so that eight sums advance together instead of one waiting on the
+// last addition.
 inline void gear_mul_r(const float* rm, std::size_t n, std::size_t d, const float* q, std::size_t r,
                        float* p) noexcept {
-  for (std::size_t j = 0; j < r; ++j)
-    for (std::size_t i = 0; i < n; ++i) {
+  constexpr std::size_t rows = 8;
+  for (std::size_t j = 0; j < r; ++j) {
+    const float* qj = q + j * d;
+    std::size_t i = 0;
+    for (; i + rows <= n; i += rows) {
+      const float* r0 = rm + i * d;
+      double a[rows] = {};
+      for (std::size_t c = 0; c < d; ++c) {
+        const double x = qj[c];
+        for (std::size_t k = 0; k < rows; ++k) a[k] += static_cast<double>(r0[k * d + c]) * x;
+      }
+      for (std::size_t k = 0; k < rows; ++k) p[j * n + i + k] = static_cast<float>(a[k]);
+    }
+    for (; i < n; ++i) {
       const float* row = rm + i * d;
-      const float* qj = q + j * d;
       double acc = 0.0;
       for (std::size_t c = 0; c < d; ++c) acc += static_cast<double>(row[c]) * qj[c];
       p[j * n + i] = static_cast<float>(acc);
     }
+  }
 }
 
-// q[j][c] = sum_i R[i][c] p[j][i].
+// q[j][c] = sum_i R[i][c] p[j][i]. Each sum runs in order of i; 64 channels advance together,
+// row by row.
 inline void gear_mul_rt(const float* rm, std::size_t n, std::size_t d, const float* p, std::size_t r,
                         float* q) noexcept {
-  for (std::size_t j = 0; j < r; ++j)
-    for (std::size_t c = 0; c < d; ++c) {
-      const float* pj = p + j * n;
-      double acc = 0.0;
-      for (std::size_t i = 0; i < n; ++i) acc += static_cast<double>(rm[i * d + c]) * pj[i];
-      q[j * d + c] = static_cast<float>(acc);
+  constexpr std::size_t block = 64;
+  double acc[block];
+  for (std::size_t j = 0; j < r; ++j) {
+    const float* pj = p + j * n;
+    for (std::size_t c0 = 0; c0 < d; c0 += block) {
+      const std::size_t m = d - c0 < block ? d - c0 : block;
+      for (std::size_t c = 0; c < m; ++c) acc[c] = 0.0;
+      for (std::size_t i = 0; i < n; ++i) {
+        const float* row = rm + i * d + c0;
+        const double w = pj[i];
+        for (std::size_t c = 0; c < m; ++c) acc[c] += static_cast<double>(row[c]) * w;
+      }
+      for (std::size_t c = 0; c < m; ++c) q[j * d + c0 + c] = static_cast<float>(acc[c]);
     }
+  }
 }
 
 // The low-rank part of R [n][d] (see the file comment) into the A and B^T sections of the layout.
@@ -289,23 +312,20 @@ inline void gear_fit(const float* residual, int n, int d, const gear_params& p, 
     for (std::size_t i = 0; i < total; ++i) above += std::fabs(residual[i]) > t ? 1u : 0u;
     std::size_t ties = k - above;  // >= 1
     std::size_t taken = 0;
+    std::copy(residual, residual + total, rm);
     for (std::size_t i = 0; i < total; ++i) {
       const float e = residual[i];
       const float m = std::fabs(e);
-      bool take = m > t;
-      if (!take && m == t && ties > 0) {
-        take = true;
+      if (!(m >= t)) continue;  // nearly every entry
+      if (m == t) {
+        if (ties == 0) continue;
         --ties;
       }
-      if (take) {
-        const std::uint16_t h = gear_half(e);
-        gear_store_index(idx_out + taken * ib, ib, static_cast<std::uint32_t>(i));
-        gear_store16(val_out + 2 * taken, h);
-        ++taken;
-        rm[i] = e - half_to_float_scalar(h);
-      } else {
-        rm[i] = e;
-      }
+      const std::uint16_t h = gear_half(e);
+      gear_store_index(idx_out + taken * ib, ib, static_cast<std::uint32_t>(i));
+      gear_store16(val_out + 2 * taken, h);
+      ++taken;
+      rm[i] = e - half_to_float_scalar(h);
     }
     KVC_ASSERT(taken == k);
   } else if (r > 0) {
