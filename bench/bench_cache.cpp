@@ -19,6 +19,8 @@
 //                and values (p.v into 4 outputs), ns per token and KV head, for the kernels
 //                attend uses (integer kernels for 2, 4 and 8 bits with AVX2) and, in the
 //                same run, the float kernels they replace.
+//   mac_floor    the multiply-add instructions alone that one code kernel needs per token
+//                and KV head, operands in registers: the floor under code_kernels.
 //
 // Every benchmark times itself (manual time, wall clock), so rates are bytes or tokens
 // divided by the time spent inside the measured call only.
@@ -444,6 +446,12 @@ struct code_page {
   }
 };
 
+// Nanoseconds per row of an iteration that handles `rows` rows (one token and KV head each).
+benchmark::Counter ns_per_row(int rows) {
+  return benchmark::Counter(static_cast<double>(rows) * 1e-9,
+                            benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
 // Which kernels: 0 the ones attend uses, 1 the float kernels (AVX2 builds).
 template <int Bits, int Which>
 void BM_code_kernels(benchmark::State& state) {
@@ -482,9 +490,7 @@ void BM_code_kernels(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   // Per token and KV head: one row of codes against the 4 query heads of its group.
-  state.counters["ns/token-head"] =
-      benchmark::Counter(static_cast<double>(page_t::rows) * 1e-9,
-                         benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["ns/token-head"] = ns_per_row(page_t::rows);
   state.counters["integer"] = Which == 0 && kvc::detail::integer_code_kernels<Bits>(page_t::d, values ? 32 : 0);
 }
 
@@ -518,9 +524,7 @@ void BM_mac_floor(benchmark::State& state) {
     benchmark::DoNotOptimize(a3), benchmark::DoNotOptimize(a4), benchmark::DoNotOptimize(a5);
     benchmark::DoNotOptimize(a6), benchmark::DoNotOptimize(a7);
   }
-  state.counters["ns/token-head"] =
-      benchmark::Counter(static_cast<double>(page_t::rows) * 1e-9,
-                         benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["ns/token-head"] = ns_per_row(page_t::rows);
 #else
   state.SkipWithError("no AVX2 in this build");
 #endif

@@ -313,28 +313,12 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
     float counted[max_grids][max_grids][32];
     for (int c0 = 0; c0 < d; c0 += 32) {
       const int m = d - c0 < 32 ? d - c0 : 32;
-      // The rows' range per channel, a row at a time.
-      float lo[32], hi[32];
-      std::memcpy(lo, x + c0, sizeof(float) * static_cast<std::size_t>(m));
-      std::memcpy(hi, x + c0, sizeof(float) * static_cast<std::size_t>(m));
-      for (int r = 1; r < n; ++r) {
-        const float* xr = x + static_cast<std::size_t>(r) * d + c0;
-        for (int i = 0; i < m; ++i) {
-          lo[i] = xr[i] < lo[i] ? xr[i] : lo[i];
-          hi[i] = xr[i] > hi[i] ? xr[i] : hi[i];
-        }
-      }
+      std::uint16_t own_scale[32], own_zero[32];  // the rows' min-max grid
+      detail::channel_minmax(x, n, d, c0, m, Bits, own_scale, own_zero);
       for (int k = 0; k <= ns; ++k) {
         for (int i = 0; i < m; ++i) {
-          std::uint16_t sk, zk;
-          if (k < ns) {
-            sk = scales(sources[k])[c0 + i];
-            zk = zeros(sources[k], d)[c0 + i];
-          } else {
-            const detail::minmax p = detail::minmax_from_range(lo[i], hi[i], Bits);
-            sk = p.scale;
-            zk = p.zero;
-          }
+          const std::uint16_t sk = k < ns ? scales(sources[k])[c0 + i] : own_scale[i];
+          const std::uint16_t zk = k < ns ? zeros(sources[k], d)[c0 + i] : own_zero[i];
           grid[k][i] = static_cast<std::uint32_t>(sk) << 16 | zk;
           s[k][i] = detail::half_to_float_scalar(sk);
           z[k][i] = detail::half_to_float_scalar(zk);

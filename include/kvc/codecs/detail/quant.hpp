@@ -269,22 +269,27 @@ inline std::uint8_t quantize_code(float x, float scale, float zero, int bits) no
   return static_cast<std::uint8_t>(round_nonneg(v));
 }
 
-// out[i] = quantize_code(x[i], s[i], z[i], bits) for i < m; with AVX2 eight at a time, by the
-// same division and rounding (to nearest, ties to even).
+#if KVC_QUANT_AVX2
+// quantize_code of eight values at once, as floats: the same division and rounding (to
+// nearest, ties to even), so the same codes.
+inline __m256 quantize_code8(__m256 x, __m256 s, __m256 z, __m256 qmax) noexcept {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 live = _mm256_cmp_ps(s, zero, _CMP_GT_OQ);
+  __m256 v = _mm256_div_ps(_mm256_sub_ps(x, z), _mm256_blendv_ps(_mm256_set1_ps(1.0f), s, live));
+  v = _mm256_and_ps(_mm256_max_ps(v, zero), live);
+  return _mm256_round_ps(_mm256_min_ps(v, qmax), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
+// out[i] = quantize_code(x[i], s[i], z[i], bits) for i < m; with AVX2 eight at a time.
 inline void quantize_codes(const float* x, int m, const float* s, const float* z, int bits,
                            std::uint8_t* out) noexcept {
   int i = 0;
 #if KVC_QUANT_AVX2
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 qmax = _mm256_set1_ps(static_cast<float>((1 << bits) - 1));
   for (; i + 8 <= m; i += 8) {
-    const __m256 sv = _mm256_loadu_ps(s + i);
-    const __m256 live = _mm256_cmp_ps(sv, zero, _CMP_GT_OQ);
-    __m256 v =
-        _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(z + i)), _mm256_blendv_ps(one, sv, live));
-    v = _mm256_and_ps(_mm256_max_ps(v, zero), live);
-    const __m256i q =
-        _mm256_cvtps_epi32(_mm256_round_ps(_mm256_min_ps(v, qmax), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i q = _mm256_cvtps_epi32(
+        quantize_code8(_mm256_loadu_ps(x + i), _mm256_loadu_ps(s + i), _mm256_loadu_ps(z + i), qmax));
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(w, w));
   }
@@ -295,20 +300,15 @@ inline void quantize_codes(const float* x, int m, const float* s, const float* z
 // cost[i] += w[i] e_i^2 for i < m, e_i = z[i] + s[i] q_i - x[i] the error of x[i] on the grid
 // (s[i], z[i]), q_i = quantize_code(x[i], s[i], z[i], bits): one row's squared error per
 // channel, weighted (w 0 or 1), summed in double. With AVX2 eight channels at a time: the
-// same division and rounding (to nearest, ties to even), so the same codes.
+// same codes (quantize_code8).
 inline void add_grid_errors(const float* x, int m, const float* s, const float* z, const float* w, int bits,
                             double* cost) noexcept {
   int i = 0;
 #if KVC_QUANT_AVX2
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 qmax = _mm256_set1_ps(static_cast<float>((1 << bits) - 1));
   for (; i + 8 <= m; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i), sv = _mm256_loadu_ps(s + i), zv = _mm256_loadu_ps(z + i);
-    const __m256 live = _mm256_cmp_ps(sv, zero, _CMP_GT_OQ);
-    __m256 v = _mm256_div_ps(_mm256_sub_ps(xv, zv), _mm256_blendv_ps(one, sv, live));
-    v = _mm256_and_ps(_mm256_max_ps(v, zero), live);
-    v = _mm256_round_ps(_mm256_min_ps(v, qmax), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 e = _mm256_sub_ps(_mm256_fmadd_ps(sv, v, zv), xv);
+    const __m256 e = _mm256_sub_ps(_mm256_fmadd_ps(sv, quantize_code8(xv, sv, zv, qmax), zv), xv);
     const __m256 p = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(w + i), e), e);
     _mm256_storeu_pd(cost + i, _mm256_add_pd(_mm256_loadu_pd(cost + i), _mm256_cvtps_pd(_mm256_castps256_ps128(p))));
     _mm256_storeu_pd(cost + i + 4,
@@ -348,7 +348,7 @@ inline void chunk_params(const std::uint16_t* scale, const std::uint16_t* zero, 
 template <int B>
 inline void encode_chunk(const float* x, int n, const float* s, const float* z, std::uint8_t* out) noexcept {
   std::uint8_t buf[32];
-  for (int i = 0; i < n; ++i) buf[i] = quantize_code(x[i], s[i], z[i], B);
+  quantize_codes(x, n, s, z, B, buf);
   if (n == 32)
     pack_block<B>(buf, out);
   else
@@ -440,6 +440,27 @@ inline void dequantize_rows_grouped(const std::uint8_t* packed, int rows, int d,
   });
 }
 
+// The min-max grid (minmax_from_range) of channels [c0, c0 + m), m <= 32, over the rows
+// x [rows][d], rows >= 1: scale[i], zero[i] for i < m. A running min / max of the m channels,
+// rows read contiguously.
+inline void channel_minmax(const float* x, int rows, int d, int c0, int m, int bits, std::uint16_t* scale,
+                           std::uint16_t* zero) noexcept {
+  float lo[32], hi[32];
+  for (int i = 0; i < m; ++i) lo[i] = hi[i] = x[c0 + i];
+  for (int r = 1; r < rows; ++r) {
+    const float* xr = x + static_cast<std::size_t>(r) * d + c0;
+    for (int i = 0; i < m; ++i) {
+      lo[i] = xr[i] < lo[i] ? xr[i] : lo[i];
+      hi[i] = xr[i] > hi[i] ? xr[i] : hi[i];
+    }
+  }
+  for (int i = 0; i < m; ++i) {
+    const minmax p = minmax_from_range(lo[i], hi[i], bits);
+    scale[i] = p.scale;
+    zero[i] = p.zero;
+  }
+}
+
 // Per-channel quantization over a block of tokens (KIVI keys): channel c's group is
 // x[0..rows)[c], with parameters scale[c], zero[c]. Row r's codes go to
 // packed + r * packed_bytes(d, bits). rows == 0 writes zero parameters.
@@ -450,23 +471,8 @@ inline void quantize_rows_per_channel(const float* x, int rows, int d, int bits,
     for (int c = 0; c < d; ++c) scale[c] = zero[c] = 0;
     return;
   }
-  float lo[32], hi[32];  // running min / max of 32 channels at a time, rows read contiguously
-  for (int c0 = 0; c0 < d; c0 += 32) {
-    const int n = d - c0 < 32 ? d - c0 : 32;
-    for (int i = 0; i < n; ++i) lo[i] = hi[i] = x[c0 + i];
-    for (int r = 1; r < rows; ++r) {
-      const float* xr = x + static_cast<std::size_t>(r) * d + c0;
-      for (int i = 0; i < n; ++i) {
-        lo[i] = xr[i] < lo[i] ? xr[i] : lo[i];
-        hi[i] = xr[i] > hi[i] ? xr[i] : hi[i];
-      }
-    }
-    for (int i = 0; i < n; ++i) {
-      const minmax p = minmax_from_range(lo[i], hi[i], bits);
-      scale[c0 + i] = p.scale;
-      zero[c0 + i] = p.zero;
-    }
-  }
+  for (int c0 = 0; c0 < d; c0 += 32)
+    channel_minmax(x, rows, d, c0, d - c0 < 32 ? d - c0 : 32, bits, scale + c0, zero + c0);
   quant_impl::with_bits(bits, [&](auto tag) {
     quant_impl::encode_rows_per_channel<decltype(tag)::value>(x, rows, d, scale, zero, packed);
   });
