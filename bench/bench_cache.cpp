@@ -452,21 +452,23 @@ benchmark::Counter ns_per_row(int rows) {
                             benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 
-// Which kernels: 0 the ones attend uses, 1 the float kernels (AVX2 builds).
+// Which kernels: 0 the ones attend uses, 1 the float kernels (AVX2 builds), 2 those with 8-bit
+// weights (codec::weights8; the byte kernels for 2- and 4-bit codes).
 template <int Bits, int Which>
 void BM_code_kernels(benchmark::State& state) {
   if (Which == 1 && !kvc::detail::code_kernels_simd) {
     state.SkipWithError("no AVX2 float kernels in this build");
     return;
   }
+  constexpr int weight_bits = Which == 2 ? 8 : 16;
   code_page<Bits> pg;
   const bool values = state.range(0) != 0;
   using page_t = code_page<Bits>;
   for (auto _ : state) {
     if (!values) {
-      if constexpr (Which == 0) {
-        kvc::detail::dot_code_rows<Bits>(pg.w.data(), page_t::nq, pg.codes.data(), pg.stride, page_t::rows, page_t::d,
-                                         pg.out.data());
+      if constexpr (Which != 1) {
+        kvc::detail::dot_code_rows<Bits, weight_bits>(pg.w.data(), page_t::nq, pg.codes.data(), pg.stride, page_t::rows,
+                                                      page_t::d, pg.out.data());
       } else {
 #if KVC_CODE_KERNELS_AVX2
         kvc::detail::code_kernel::avx2::dot_rows_simd<Bits, false>(pg.w.data(), page_t::nq, pg.codes.data(), pg.stride,
@@ -475,9 +477,10 @@ void BM_code_kernels(benchmark::State& state) {
       }
       benchmark::DoNotOptimize(pg.out.data());
     } else {
-      if constexpr (Which == 0) {
-        kvc::detail::accumulate_code_rows<Bits>(pg.p.data(), page_t::nq, pg.codes.data(), pg.stride, page_t::rows,
-                                                page_t::d, 32, pg.scale.data(), pg.zero.data(), pg.acc.data());
+      if constexpr (Which != 1) {
+        kvc::detail::accumulate_code_rows<Bits, weight_bits>(pg.p.data(), page_t::nq, pg.codes.data(), pg.stride,
+                                                             page_t::rows, page_t::d, 32, pg.scale.data(),
+                                                             pg.zero.data(), pg.acc.data());
       } else {
 #if KVC_CODE_KERNELS_AVX2
         kvc::detail::code_kernel::avx2::accumulate_rows_simd<Bits, false>(
@@ -491,33 +494,42 @@ void BM_code_kernels(benchmark::State& state) {
   }
   // Per token and KV head: one row of codes against the 4 query heads of its group.
   state.counters["ns/token-head"] = ns_per_row(page_t::rows);
-  state.counters["integer"] = Which == 0 && kvc::detail::integer_code_kernels<Bits>(page_t::d, values ? 32 : 0);
+  const int group = values ? 32 : 0;
+  state.counters["integer"] = (Which == 0 && kvc::detail::integer_code_kernels<Bits>(page_t::d, group)) ||
+                              (Which == 2 && kvc::detail::byte_code_kernels<Bits>(page_t::d, group));
 }
 
 void code_kernel_args(benchmark::internal::Benchmark* b) { b->ArgNames({"values"})->Arg(0)->Arg(1); }
 
 // The floor under BM_code_kernels: a token and KV head takes nq d = 512 multiply-adds for its
-// logits and as many for its values, which the integer kernels do as 32 VPMADDWD (sixteen
-// products each) and 32 VPADDD. This times exactly those instructions, 64 rows at a time, in
-// eight independent sums with every operand in registers: no unpacking, loads or softmax. The
-// float kernels need as many FMAs (eight products each, two issued a cycle), so it bounds
-// them too. ns per token and KV head for one kernel (keys or values).
+// logits and as many for its values. The integer kernels (WeightBits 16) do them as 32
+// VPMADDWD (sixteen products each) and 32 VPADDD; the byte kernels (WeightBits 8,
+// codec::weights8) as 16 VPMADDUBSW (32 products each) and 16 VPADDW. This times exactly
+// those instructions, 64 rows at a time, in eight independent sums with every operand in
+// registers: no unpacking, loads or softmax. The float kernels need as many FMAs as
+// VPMADDWDs (eight products each, two issued a cycle), so WeightBits 16 bounds them too. ns
+// per token and KV head for one kernel (keys or values).
+template <int WeightBits>
 void BM_mac_floor(benchmark::State& state) {
 #if KVC_CODE_KERNELS_AVX2 && (defined(__GNUC__) || defined(__clang__))
   using page_t = code_page<4>;
-  constexpr int pairs = page_t::nq * page_t::d / 16;  // per row
-  static_assert(pairs % 8 == 0, "eight sums");
+  constexpr int per_instruction = WeightBits == 16 ? 16 : 32;
+  constexpr int ops = page_t::nq * page_t::d / per_instruction;  // per row
+  static_assert(ops % 8 == 0, "eight sums");
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   __m256i x = _mm256_set1_epi16(3);
   const __m256i y = _mm256_set1_epi16(5);
   // A new product each time (x is opaque to the compiler): none is hoisted or shared.
   const auto mac = [&x, &y](__m256i& a) {
-    a = _mm256_add_epi32(a, _mm256_madd_epi16(x, y));
+    if constexpr (WeightBits == 16)
+      a = _mm256_add_epi32(a, _mm256_madd_epi16(x, y));
+    else
+      a = _mm256_add_epi16(a, _mm256_maddubs_epi16(x, y));
     __asm__("" : "+x"(x));
   };
   for (auto _ : state) {
     for (int r = 0; r < page_t::rows; ++r)
-      for (int i = 0; i < pairs; i += 8) {
+      for (int i = 0; i < ops; i += 8) {
         mac(a0), mac(a1), mac(a2), mac(a3), mac(a4), mac(a5), mac(a6), mac(a7);
       }
     benchmark::DoNotOptimize(a0), benchmark::DoNotOptimize(a1), benchmark::DoNotOptimize(a2);
@@ -549,6 +561,8 @@ BENCHMARK_TEMPLATE(BM_attend, kvc::codec::int8)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<8>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<4>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<2>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::weights8<kvc::codec::kivi<4>>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::weights8<kvc::codec::kivi<2>>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::gear<kvc::codec::kivi<4>>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::gear<kvc::codec::kivi<2>>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_code_kernels, 2, 0)->Apply(code_kernel_args);
@@ -557,7 +571,10 @@ BENCHMARK_TEMPLATE(BM_code_kernels, 4, 0)->Apply(code_kernel_args);
 BENCHMARK_TEMPLATE(BM_code_kernels, 4, 1)->Apply(code_kernel_args);
 BENCHMARK_TEMPLATE(BM_code_kernels, 8, 0)->Apply(code_kernel_args);
 BENCHMARK_TEMPLATE(BM_code_kernels, 8, 1)->Apply(code_kernel_args);
-BENCHMARK(BM_mac_floor);
+BENCHMARK_TEMPLATE(BM_code_kernels, 2, 2)->Apply(code_kernel_args);
+BENCHMARK_TEMPLATE(BM_code_kernels, 4, 2)->Apply(code_kernel_args);
+BENCHMARK_TEMPLATE(BM_mac_floor, 16);
+BENCHMARK_TEMPLATE(BM_mac_floor, 8);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f32)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::f16)->Apply(append_args);
 BENCHMARK_TEMPLATE(BM_append, kvc::codec::bf16)->Apply(append_args);

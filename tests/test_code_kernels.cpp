@@ -93,22 +93,22 @@ std::vector<float> uniform(Rng& rng, std::size_t n, float lo, float hi) {
   return v;
 }
 
-template <int Bits>
+template <int Bits, int WeightBits = 16>
 void dot_kernel(bool portable, const float* w, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
                 float* out) {
   if (portable)
     kvc::detail::dot_code_rows_portable<Bits>(w, nq, rows, stride, n, d, out);
   else
-    kvc::detail::dot_code_rows<Bits>(w, nq, rows, stride, n, d, out);
+    kvc::detail::dot_code_rows<Bits, WeightBits>(w, nq, rows, stride, n, d, out);
 }
 
-template <int Bits>
+template <int Bits, int WeightBits = 16>
 void accumulate_kernel(bool portable, const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n,
                        int d, int group, const float* s, const float* z, float* acc) {
   if (portable)
     kvc::detail::accumulate_code_rows_portable<Bits>(p, nq, rows, stride, n, d, group, s, z, acc);
   else
-    kvc::detail::accumulate_code_rows<Bits>(p, nq, rows, stride, n, d, group, s, z, acc);
+    kvc::detail::accumulate_code_rows<Bits, WeightBits>(p, nq, rows, stride, n, d, group, s, z, acc);
 }
 
 const int kDims[] = {32, 64, 80, 96, 128, 136, 13, 45, 264};  // the last three: tail only, tail remainder, windows
@@ -123,10 +123,21 @@ int weight_limit(int d, int bits) {
   return lim < 32767 ? static_cast<int>(lim) : 32767;
 }
 
+// The bound L a kernel rounds weights to at head_dim d (and value group `group`, 0 for keys):
+// 127 where the byte kernels run (WeightBits 8), weight_limit (keys) or 32767 (values) where
+// the integer kernels run, 0 where the weights stay float.
+template <int Bits, int WeightBits>
+int rounding_limit(bool portable, int d, int group) {
+  if (portable) return 0;
+  if (WeightBits == 8 && kvc::detail::byte_code_kernels<Bits>(d, group)) return 127;
+  if (kvc::detail::integer_code_kernels<Bits>(d, group)) return group > 0 ? 32767 : weight_limit(d, Bits);
+  return 0;
+}
+
 // Keys: every out[g][t] within 1e-5 sum_c |w_c| (code + 1) of the sum in double (float
-// rounding of terms of the size of |w| times a code); where the integer kernels run, plus
-// their rounding of w: (max_c |w_c| / (2 L)) sum_c code(t, c).
-template <int Bits>
+// rounding of terms of the size of |w| times a code); where the integer or byte kernels run,
+// plus their rounding of w to L levels: (max_c |w_c| / (2 L)) sum_c code(t, c).
+template <int Bits, int WeightBits = 16>
 void check_dot(bool portable, const int* rows_begin, const int* rows_end) {
   Rng rng(1000 + Bits);
   int run = 0;
@@ -137,8 +148,8 @@ void check_dot(bool portable, const int* rows_begin, const int* rows_end) {
         const code_rows r = make_rows(rng, n, d, Bits, kPads[run++ % 3]);
         const std::vector<float> w = uniform(rng, static_cast<std::size_t>(nq) * d, -1.0f, 1.0f);
         std::vector<float> out(static_cast<std::size_t>(nq) * n, -7.0f);
-        dot_kernel<Bits>(portable, w.data(), nq, r.bytes.data(), r.stride, n, d, out.data());
-        const bool rounds = !portable && kvc::detail::integer_code_kernels<Bits>(d);
+        dot_kernel<Bits, WeightBits>(portable, w.data(), nq, r.bytes.data(), r.stride, n, d, out.data());
+        const int L = rounding_limit<Bits, WeightBits>(portable, d, 0);
         for (int g = 0; g < nq; ++g) {
           double wmax = 0.0;
           for (int c = 0; c < d; ++c) wmax = std::max(wmax, std::fabs(double{w[static_cast<std::size_t>(g) * d + c]}));
@@ -150,7 +161,7 @@ void check_dot(bool portable, const int* rows_begin, const int* rows_end) {
               mag += std::fabs(w[static_cast<std::size_t>(g) * d + c]) * (r.code[t][c] + 1);
               codes += r.code[t][c];
             }
-            const double rounding = rounds ? wmax / (2.0 * weight_limit(d, Bits)) * codes : 0.0;
+            const double rounding = L > 0 ? wmax / (2.0 * L) * codes : 0.0;
             ASSERT_NEAR(out[static_cast<std::size_t>(g) * n + t], ref, 1e-5 * mag + rounding)
                 << "bits " << Bits << " d " << d << " nq " << nq << " n " << n << " g " << g << " t " << t;
           }
@@ -159,9 +170,10 @@ void check_dot(bool portable, const int* rows_begin, const int* rows_end) {
 }
 
 // Values: every acc[g][c] within 1e-5 (|acc0| + sum_t |p| (s (code + 1) + |z|)) of the sum in
-// double; where the integer kernels run, plus their rounding of the factors p s: per chunk of
-// 64 rows, query row g and group k, (max_t |p_t s_t,k| / 65534) sum_t code(t, c).
-template <int Bits>
+// double; where the integer or byte kernels run, plus their rounding of the factors p s to L
+// levels: per chunk of 64 rows, query row g and group k, (max_t |p_t s_t,k| / (2 L)) sum_t
+// code(t, c).
+template <int Bits, int WeightBits = 16>
 void check_accumulate(bool portable, const int* rows_begin, const int* rows_end) {
   Rng rng(2000 + Bits);
   const int groups[] = {32, 128, 48, 8, 24, 12};  // 48: a partial last group; 8, 24: groups inside a block
@@ -179,9 +191,9 @@ void check_accumulate(bool portable, const int* rows_begin, const int* rows_end)
           const std::vector<float> p = uniform(rng, static_cast<std::size_t>(nq) * n, 0.0f, 1.0f);
           const std::vector<float> acc0 = uniform(rng, static_cast<std::size_t>(nq) * d, -1.0f, 1.0f);
           std::vector<float> acc = acc0;
-          accumulate_kernel<Bits>(portable, p.data(), nq, r.bytes.data(), r.stride, n, d, group, s.data(), z.data(),
-                                  acc.data());
-          const bool rounds = !portable && kvc::detail::integer_code_kernels<Bits>(d, group);
+          accumulate_kernel<Bits, WeightBits>(portable, p.data(), nq, r.bytes.data(), r.stride, n, d, group, s.data(),
+                                              z.data(), acc.data());
+          const int L = rounding_limit<Bits, WeightBits>(portable, d, group);
           for (int g = 0; g < nq; ++g)
             for (int c = 0; c < d; ++c) {
               const std::size_t o = static_cast<std::size_t>(g) * d + c;
@@ -196,7 +208,7 @@ void check_accumulate(bool portable, const int* rows_begin, const int* rows_end)
                   amax = std::max(amax, std::fabs(pv * s[k]));
                   codes += r.code[t][c];
                 }
-                if (rounds) rounding += amax / 65534.0 * codes;
+                if (L > 0) rounding += amax / (2.0 * L) * codes;
               }
               ASSERT_NEAR(acc[o], ref, 1e-5 * mag + rounding) << "bits " << Bits << " d " << d << " nq " << nq << " n "
                                                               << n << " group " << group << " g " << g << " c " << c;
@@ -288,6 +300,54 @@ TEST(CodeKernels, PortableAccumulateMatchesReference) {
   check_accumulate<8>(true, kRows, kRowsEnd);
 }
 
+// The same with 8-bit weights (codec::weights8): 2- and 4-bit codes take the byte kernels
+// where they run, whose rounding the reference allows for (2^-8 of the largest weight per
+// code unit); elsewhere the results must equal those of 16-bit weights bit for bit.
+TEST(CodeKernels, ByteWeightsMatchReference) {
+  const int many[] = {299};
+  check_dot<2, 8>(false, kRows, kRowsEnd);
+  check_dot<4, 8>(false, kRows, kRowsEnd);
+  check_dot<4, 8>(false, many, many + 1);
+  check_accumulate<2, 8>(false, kRows, kRowsEnd);
+  check_accumulate<4, 8>(false, kRows, kRowsEnd);
+  check_accumulate<2, 8>(false, many, many + 1);
+}
+
+template <int Bits>
+void check_weight_bits_agree_without_byte_kernels() {
+  Rng rng(4000 + Bits);
+  for (int d : kDims)
+    for (int group : {32, 8, 24}) {
+      const int n = 70, nq = 4, ng = (d + group - 1) / group;
+      const code_rows r = make_rows(rng, n, d, Bits, 3);
+      const std::vector<float> w = uniform(rng, static_cast<std::size_t>(nq) * d, -1.0f, 1.0f);
+      const std::vector<float> p = uniform(rng, static_cast<std::size_t>(nq) * n, 0.0f, 1.0f);
+      const std::vector<float> sc = uniform(rng, static_cast<std::size_t>(n) * ng, 0.01f, 1.0f);
+      const std::vector<float> z = uniform(rng, static_cast<std::size_t>(n) * ng, -1.0f, 1.0f);
+      std::vector<float> o16(static_cast<std::size_t>(nq) * n), o8 = o16, a16(static_cast<std::size_t>(nq) * d, 0.5f),
+                                                                a8 = a16;
+      kvc::detail::dot_code_rows<Bits, 16>(w.data(), nq, r.bytes.data(), r.stride, n, d, o16.data());
+      kvc::detail::dot_code_rows<Bits, 8>(w.data(), nq, r.bytes.data(), r.stride, n, d, o8.data());
+      kvc::detail::accumulate_code_rows<Bits, 16>(p.data(), nq, r.bytes.data(), r.stride, n, d, group, sc.data(),
+                                                  z.data(), a16.data());
+      kvc::detail::accumulate_code_rows<Bits, 8>(p.data(), nq, r.bytes.data(), r.stride, n, d, group, sc.data(),
+                                                 z.data(), a8.data());
+      if (!kvc::detail::byte_code_kernels<Bits>(d)) {
+        EXPECT_EQ(o8, o16) << "bits " << Bits << " d " << d;
+      }
+      if (!kvc::detail::byte_code_kernels<Bits>(d, group)) {
+        EXPECT_EQ(a8, a16) << "bits " << Bits << " d " << d << " group " << group;
+      }
+    }
+}
+
+TEST(CodeKernels, ByteWeightsElsewhereChangeNothing) {
+  check_weight_bits_agree_without_byte_kernels<2>();
+  check_weight_bits_agree_without_byte_kernels<3>();
+  check_weight_bits_agree_without_byte_kernels<4>();
+  check_weight_bits_agree_without_byte_kernels<8>();
+}
+
 // More rows than one pass of the kernels takes at a time (they go in chunks of rows), so
 // that results cross chunk boundaries; the same references.
 TEST(CodeKernels, ManyRowsMatchReference) {
@@ -375,6 +435,33 @@ TEST(CodeKernels, FullScaleSumsDoNotOverflow) {
     kvc::detail::accumulate_code_rows<8>(p.data(), 1, rows.data(), static_cast<std::size_t>(d), n, d, d, s.data(),
                                          z.data(), acc.data());
     for (int c = 0; c < d; ++c) ASSERT_NEAR(acc[static_cast<std::size_t>(c)], 64.0 * 255.0, 1e-6 * 64 * 255);
+  }
+}
+
+// The same for the byte kernels, whose int16 lanes are the tight case: every 4-bit code at 15
+// against weights of one sign and equal size (each rounds to 127), d = 256 (a lane adds eight
+// pairs of products, 8 x 2 x 15 x 127 = 30480), and values over a whole 64-row chunk (a lane
+// adds eight row pairs before it is widened). The results are the closed forms 15 d and
+// 64 x 15 s p.
+TEST(CodeKernels, FullScaleByteSumsDoNotOverflow) {
+  for (int d : {256, 128, 32}) {
+    const int n = 64;
+    std::vector<int> top(static_cast<std::size_t>(d), 15);
+    std::vector<std::uint8_t> rows;
+    for (int t = 0; t < n; ++t) {
+      const std::vector<std::uint8_t> r = pack_row(top, 4);
+      rows.insert(rows.end(), r.begin(), r.end());
+    }
+    const std::size_t stride = packed_size(d, 4);
+    for (float sign : {1.0f, -1.0f}) {
+      std::vector<float> w(static_cast<std::size_t>(d), sign), out(static_cast<std::size_t>(n));
+      kvc::detail::dot_code_rows<4, 8>(w.data(), 1, rows.data(), stride, n, d, out.data());
+      for (int t = 0; t < n; ++t) ASSERT_NEAR(out[static_cast<std::size_t>(t)], sign * 15.0f * d, 1e-6 * 15 * d);
+    }
+    std::vector<float> p(static_cast<std::size_t>(n), 0.5f), s(static_cast<std::size_t>(n), 2.0f),
+        z(static_cast<std::size_t>(n), 0.0f), acc(static_cast<std::size_t>(d), 0.0f);
+    kvc::detail::accumulate_code_rows<4, 8>(p.data(), 1, rows.data(), stride, n, d, d, s.data(), z.data(), acc.data());
+    for (int c = 0; c < d; ++c) ASSERT_NEAR(acc[static_cast<std::size_t>(c)], 64.0 * 15.0, 1e-6 * 64 * 15);
   }
 }
 

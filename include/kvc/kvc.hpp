@@ -18,6 +18,7 @@
 #include "kvc/codecs/f32.hpp"
 #include "kvc/codecs/gear.hpp"
 #include "kvc/codecs/quantized.hpp"
+#include "kvc/codecs/weights8.hpp"
 #include "kvc/config.hpp"
 #include "kvc/io/npy.hpp"
 #include "kvc/policies/decode_schedule.hpp"

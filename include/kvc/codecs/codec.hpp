@@ -38,6 +38,10 @@
 //                                       times the value scales, to 16-bit integers (the integer
 //                                       code kernels; detail::integer_attention_v says false
 //                                       without it)
+//        key_logits<WeightBits>, accumulate_values<WeightBits>
+//                                       optional: the same members as templates over the
+//                                       precision of those weights (16 or 8; default 16), which
+//                                       codec::weights8 (weights8.hpp) calls with 8
 //   token_granular = false            rows of a sealed page cannot move alone (they share
 //        parameters): compaction decodes the kept rows of each changed page and encodes
 //        them again, with reencode when the codec has it (copy_rows is then never called)
@@ -264,6 +268,32 @@ constexpr bool integer_attention_v(int d) noexcept {
     return T::integer_attention(d);
   else
     return (void)d, false;
+}
+}  // namespace detail
+
+namespace detail {
+// head + inner + ">" as a constant string: the names of codec wrappers ("gear<kivi<2>>").
+template <std::size_t N>
+struct text {
+  char c[N];
+};
+
+constexpr std::size_t length(const char* s) noexcept {
+  std::size_t n = 0;
+  while (s[n] != '\0') ++n;
+  return n;
+}
+
+// N = length(head) + length(inner) + 2.
+template <std::size_t N>
+constexpr text<N> wrapped_name(const char* head, const char* inner) noexcept {
+  text<N> t{};
+  std::size_t i = 0;
+  for (std::size_t j = 0; head[j] != '\0'; ++j) t.c[i++] = head[j];
+  for (std::size_t j = 0; inner[j] != '\0'; ++j) t.c[i++] = inner[j];
+  t.c[i++] = '>';
+  t.c[i] = '\0';
+  return t;
 }
 }  // namespace detail
 

@@ -89,31 +89,9 @@ namespace detail {
 namespace gcodec {
 
 // "gear<" + name + ">" as a constant string.
-template <std::size_t N>
-struct text {
-  char c[N];
-};
-
-constexpr std::size_t length(const char* s) noexcept {
-  std::size_t n = 0;
-  while (s[n] != '\0') ++n;
-  return n;
-}
-
-template <std::size_t N>
-constexpr text<N> wrapped(const char* inner) noexcept {
-  text<N> t{};
-  const char head[] = "gear<";
-  for (std::size_t i = 0; i < 5; ++i) t.c[i] = head[i];
-  for (std::size_t i = 0; i + 7 < N; ++i) t.c[5 + i] = inner[i];
-  t.c[N - 2] = '>';
-  t.c[N - 1] = '\0';
-  return t;
-}
-
 template <class Inner>
 struct name_of {
-  static constexpr text<length(Inner::name) + 7> value = wrapped<length(Inner::name) + 7>(Inner::name);
+  static constexpr text<length(Inner::name) + 7> value = wrapped_name<length(Inner::name) + 7>("gear<", Inner::name);
 };
 
 template <class T, class = void>

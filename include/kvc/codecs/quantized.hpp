@@ -35,7 +35,10 @@
 // head_dim 32..256 (a multiple of 32) are multiplied in 16-bit integers: the query times the
 // key scales and the attention weights times the value scales are rounded to 2^-16 of their
 // row's largest term, which moves attention outputs by about 1e-4 relative at most (against
-// 1e-2 to 0.5 for the quantization itself).
+// 1e-2 to 0.5 for the quantization itself). codec::weights8<kivi<B>> (weights8.hpp) stores
+// the same pages and rounds those weights to 8 bits instead, for 2- and 4-bit codes: faster
+// kernels, outputs moved by about 3e-2 relative (key_logits and accumulate_values take the
+// precision as their WeightBits template argument, 16 by default).
 //
 // Error: |x~ - x| <= s / 2 per element of a group (s its step), plus the binary16 rounding of
 // z; relative_error / absolute_error (the per-element contract of codec.hpp) do not bound it,
@@ -283,10 +286,12 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
     }
   }
   // out[g * T + t] = q_g . k~_{first + t}, from the prepared w [nq][d] and bias [nq].
+  // WeightBits: the precision the integer kernels round w to (codec::weights8 asks for 8).
+  template <int WeightBits = 16>
   static void key_logits(const std::byte* page, int first, int T, int d, int /*page_tokens*/, const float* w,
                          const float* bias, int nq, float* out) noexcept {
-    detail::dot_code_rows<Bits>(w, nq, codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d), row_bytes(d), T,
-                                d, out);
+    detail::dot_code_rows<Bits, WeightBits>(w, nq, codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d),
+                                            row_bytes(d), T, d, out);
     for (int g = 0; g < nq; ++g)
       for (int t = 0; t < T; ++t) out[g * T + t] += bias[g];
   }
@@ -438,7 +443,8 @@ struct kivi_token : detail::qcodec::quantized_base<kivi_token<Bits, Group, R>> {
     return detail::integer_code_kernels<Bits>(d, Group) || detail::integer_code_kernels<Bits>(Group < d ? Group : d) ||
            (d > Group && d % Group != 0 && detail::integer_code_kernels<Bits>(d % Group));
   }
-  // T <= fused_tokens tokens per call.
+  // T <= fused_tokens tokens per call. WeightBits as for kivi_channel::key_logits.
+  template <int WeightBits = 16>
   static void key_logits(const std::byte* page, int first, int T, int d, int page_tokens, const float* w,
                          const float* bias, int nq, float* out) noexcept {
     const int ng = groups(d);
@@ -455,7 +461,8 @@ struct kivi_token : detail::qcodec::quantized_base<kivi_token<Bits, Group, R>> {
         for (int g = 0; g < gn; ++g)
           std::memcpy(wk + g * len, w + static_cast<std::size_t>(g0 + g) * d + c0, sizeof(float) * len);
         // Group k's codes start at a block boundary (Group is a multiple of 32).
-        detail::dot_code_rows<Bits>(wk, gn, rows + detail::packed_bytes(c0, Bits), row_bytes(d), T, len, part);
+        detail::dot_code_rows<Bits, WeightBits>(wk, gn, rows + detail::packed_bytes(c0, Bits), row_bytes(d), T, len,
+                                                part);
         for (int g = 0; g < gn; ++g)
           for (int t = 0; t < T; ++t) {
             const std::size_t i = static_cast<std::size_t>(t) * ng + k;
@@ -465,7 +472,9 @@ struct kivi_token : detail::qcodec::quantized_base<kivi_token<Bits, Group, R>> {
       }
     }
   }
-  // acc[g * d + c] += sum_t p[g * T + t] v~_{first + t, c}, T <= 64.
+  // acc[g * d + c] += sum_t p[g * T + t] v~_{first + t, c}, T <= 64. WeightBits: the
+  // precision the integer kernels round p s to (codec::weights8 asks for 8).
+  template <int WeightBits = 16>
   static void accumulate_values(const std::byte* page, int first, int T, int d, int page_tokens, const float* p, int nq,
                                 float* acc) noexcept {
     static_assert(R == rotation::none, "kivi_token: rotated values are not supported (attention would rotate back)");
@@ -474,8 +483,9 @@ struct kivi_token : detail::qcodec::quantized_base<kivi_token<Bits, Group, R>> {
     alignas(32) float s[64 * 16], z[64 * 16];
     detail::half_to_float(scales(page, page_tokens, d) + i0, s, n);
     detail::half_to_float(zeros(page, page_tokens, d) + i0, z, n);
-    detail::accumulate_code_rows<Bits>(p, nq, reinterpret_cast<const std::uint8_t*>(page) + first * row_bytes(d),
-                                       row_bytes(d), T, d, Group, s, z, acc);
+    detail::accumulate_code_rows<Bits, WeightBits>(p, nq,
+                                                   reinterpret_cast<const std::uint8_t*>(page) + first * row_bytes(d),
+                                                   row_bytes(d), T, d, Group, s, z, acc);
   }
 };
 

@@ -26,7 +26,11 @@
 // with the codes widened to 16 bits by VPMADDWD: no conversion of codes to float, sixteen
 // products an instruction. Their results differ from the exact sums by the rounding of the
 // weights, at most 2^-16 of a row's largest weight per code unit (documented there, and
-// tested); integer_code_kernels<Bits>(d, group) says where they run. Otherwise (B = 3, other
+// tested); integer_code_kernels<Bits>(d, group) says where they run. Callers that ask for
+// 8-bit weights (WeightBits = 8: codec::weights8) get the byte kernels for B = 2 and 4 ("Byte
+// kernels" below): weights rounded to 8 bits and multiplied with the codes as bytes by
+// VPMADDUBSW, 32 products an instruction, off by at most 2^-8 of a row's largest weight per
+// code unit; byte_code_kernels<Bits>(d, group) says where they run. Otherwise (B = 3, other
 // head_dims, int8's signed codes) the float kernels run, with eight to twelve independent FMA
 // chains. The AVX2 + FMA kernels turn eight 2- or 4-bit codes into
 // floats with a broadcast load, a mask and a conversion, without moving the codes (see
@@ -66,6 +70,12 @@
 #define KVC_CODE_INLINE inline __attribute__((always_inline))
 #else
 #define KVC_CODE_INLINE inline
+#endif
+// The same for a lambda, after its noexcept (GCC; Clang inlines these lambdas by itself).
+#if defined(__GNUC__) && !defined(__clang__)
+#define KVC_CODE_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define KVC_CODE_LAMBDA_INLINE
 #endif
 
 KVC_NAMESPACE_BEGIN
@@ -955,13 +965,17 @@ inline float lane_max(__m256 v) noexcept {
   return _mm_cvtss_f32(m);
 }
 
-// out[i] = round(x[i] / a) for i < n (n a multiple of 8), a = max |x| / L; returns a (0 when
-// every x is 0).
-inline float round_weights(const float* x, int n, int L, std::int16_t* out) noexcept {
+// max |x[i]| for i < n (n a multiple of 8).
+inline float max_abs(const float* x, int n) noexcept {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 mx = _mm256_setzero_ps();
   for (int i = 0; i < n; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
-  const float m = lane_max(mx);
+  return lane_max(mx);
+}
+
+// out[i] = round(x[i] / a) for i < n (n a multiple of 8), a = m / L with m = max |x|;
+// returns a (0 when every x is 0).
+inline float round_weights(const float* x, int n, float m, int L, std::int16_t* out) noexcept {
   if (!(m > 0.0f)) {
     std::memset(out, 0, sizeof(std::int16_t) * static_cast<std::size_t>(n));
     return 0.0f;
@@ -973,6 +987,10 @@ inline float round_weights(const float* x, int n, int L, std::int16_t* out) noex
                      _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(r, r), 0xD8)));
   }
   return m / static_cast<float>(L);
+}
+
+inline float round_weights(const float* x, int n, int L, std::int16_t* out) noexcept {
+  return round_weights(x, n, max_abs(x, n), L, out);
 }
 
 // Query rows in unit order: for B = 2, unit 4 i + s takes channels 64 i + 8 s .. + 8 and
@@ -1066,12 +1084,54 @@ inline __m256i lane_sums8i(__m256i v0, __m256i v1, __m256i v2, __m256i v3, __m25
   return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
 }
 
-// out[q ns + t] = alpha[q] sum_c wi[q][c] code(t, c) for Q query rows (wi in unit order, ws
-// int16 a row), rows [0, n): two rows at a time, 2 Q accumulators; the sums of eight rows
-// are reduced together.
-template <int Bits, int Q>
-inline void key_rows(const std::int16_t* wi, std::size_t ws, const float* alpha, const std::uint8_t* rows,
-                     std::size_t stride, int n, int d, float* out, std::size_t ns) noexcept {
+// f(std::integral_constant<int, Q>{}, q0) for the query rows [q0, q0 + Q) of nq, four at a
+// time (Q = 4 but for the last).
+template <class F>
+KVC_CODE_INLINE void in_fours(int nq, F&& f) noexcept {
+  for (int q0 = 0; q0 < nq; q0 += 4) switch (nq - q0 < 4 ? nq - q0 : 4) {
+      case 4:
+        f(std::integral_constant<int, 4>{}, q0);
+        break;
+      case 3:
+        f(std::integral_constant<int, 3>{}, q0);
+        break;
+      case 2:
+        f(std::integral_constant<int, 2>{}, q0);
+        break;
+      default:
+        f(std::integral_constant<int, 1>{}, q0);
+        break;
+    }
+}
+
+// out[q ns + t] = alpha[q] (the sum of the eight int32 lanes of part[q][t]) for q < Q and
+// t < T <= 8: the key sums of eight rows, reduced together.
+template <int Q>
+inline void store_row_sums(const std::int32_t (*part)[8][8], int T, const float* alpha, float* out,
+                           std::size_t ns) noexcept {
+  for (int q = 0; q < Q; ++q) {
+    const auto v = [&](int t) noexcept {
+      return t < T ? _mm256_load_si256(reinterpret_cast<const __m256i*>(part[q][t])) : _mm256_setzero_si256();
+    };
+    const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(lane_sums8i(v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))),
+                                   _mm256_set1_ps(alpha[q]));
+    float* o = out + q * ns;
+    if (T == 8) {
+      _mm256_storeu_ps(o, s);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, s);
+      std::memcpy(o, tmp, sizeof(float) * static_cast<std::size_t>(T));
+    }
+  }
+}
+
+// out[q ns + t] = alpha[q] (the sum of row t's int32 lanes) for Q query rows, rows [0, n):
+// two rows at a time, sums(r0, r1, a0, a1) setting a0[q] and a1[q] to the lanes of the rows
+// at r0 and r1 (r1 = r0 past the last row); the sums of eight rows are reduced together.
+template <int Q, class Sums>
+KVC_CODE_INLINE void key_row_sums(const std::uint8_t* rows, std::size_t stride, int n, const float* alpha, float* out,
+                                  std::size_t ns, Sums&& sums) noexcept {
   alignas(32) std::int32_t part[Q][8][8];
   for (int t0 = 0; t0 < n; t0 += 8) {
     const int T = n - t0 < 8 ? n - t0 : 8;
@@ -1080,47 +1140,46 @@ inline void key_rows(const std::int16_t* wi, std::size_t ws, const float* alpha,
       const std::uint8_t* r0 = rows + static_cast<std::size_t>(t0 + t) * stride;
       const std::uint8_t* r1 = t + 1 < T ? r0 + stride : r0;
       __m256i a0[Q], a1[Q];
-      KVC_CODE_UNROLL
-      for (int q = 0; q < Q; ++q) a0[q] = a1[q] = _mm256_setzero_si256();
-      for_units<Bits>(r0, r1, d, [&](int u, __m256i c0, __m256i c1) noexcept {
-        KVC_CODE_UNROLL
-        for (int q = 0; q < Q; ++q) {
-          __m256i w =
-              _mm256_load_si256(reinterpret_cast<const __m256i*>(wi + q * ws + 16 * static_cast<std::size_t>(u)));
-          // 2-bit keys unpack four units from one load: pinning w to one load, and each unit's
-          // sums before the next, keeps GCC from spilling (BM_code_kernels: 15-20% faster;
-          // for 4- and 8-bit units it measured the same or slower).
-          if constexpr (Bits == 2) in_reg(w);
-          a0[q] = _mm256_add_epi32(a0[q], _mm256_madd_epi16(c0, w));
-          a1[q] = _mm256_add_epi32(a1[q], _mm256_madd_epi16(c1, w));
-        }
-        if constexpr (Bits == 2) {
-          KVC_CODE_UNROLL
-          for (int q = 0; q < Q; ++q) in_reg(a0[q], a1[q]);
-        }
-      });
+      sums(r0, r1, a0, a1);
       KVC_CODE_UNROLL
       for (int q = 0; q < Q; ++q) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(part[q][t]), a0[q]);
         _mm256_store_si256(reinterpret_cast<__m256i*>(part[q][t + 1]), a1[q]);
       }
     }
-    for (int q = 0; q < Q; ++q) {
-      const auto v = [&](int t) noexcept {
-        return t < T ? _mm256_load_si256(reinterpret_cast<const __m256i*>(part[q][t])) : _mm256_setzero_si256();
-      };
-      const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(lane_sums8i(v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))),
-                                     _mm256_set1_ps(alpha[q]));
-      float* o = out + q * ns + t0;
-      if (T == 8) {
-        _mm256_storeu_ps(o, s);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, s);
-        std::memcpy(o, tmp, sizeof(float) * static_cast<std::size_t>(T));
-      }
-    }
+    store_row_sums<Q>(part, T, alpha, out + t0, ns);
   }
+}
+
+// out[q ns + t] = alpha[q] sum_c wi[q][c] code(t, c) for Q query rows (wi in unit order, ws
+// int16 a row), rows [0, n): 2 Q int32 accumulators.
+template <int Bits, int Q>
+inline void key_rows(const std::int16_t* wi, std::size_t ws, const float* alpha, const std::uint8_t* rows,
+                     std::size_t stride, int n, int d, float* out, std::size_t ns) noexcept {
+  key_row_sums<Q>(rows, stride, n, alpha, out, ns,
+                  [&](const std::uint8_t* r0, const std::uint8_t* r1, __m256i(&a0)[Q],
+                      __m256i(&a1)[Q]) noexcept KVC_CODE_LAMBDA_INLINE {
+                    KVC_CODE_UNROLL
+                    for (int q = 0; q < Q; ++q) a0[q] = a1[q] = _mm256_setzero_si256();
+                    for_units<Bits>(r0, r1, d, [&](int u, __m256i c0, __m256i c1) noexcept KVC_CODE_LAMBDA_INLINE {
+                      KVC_CODE_UNROLL
+                      for (int q = 0; q < Q; ++q) {
+                        __m256i w = _mm256_load_si256(
+                            reinterpret_cast<const __m256i*>(wi + q * ws + 16 * static_cast<std::size_t>(u)));
+                        // 2-bit keys unpack four units from one load: pinning w to one load, and
+                        // each unit's sums before the next, keeps GCC from spilling
+                        // (BM_code_kernels: 15-20% faster; for 4- and 8-bit units it measured the
+                        // same or slower).
+                        if constexpr (Bits == 2) in_reg(w);
+                        a0[q] = _mm256_add_epi32(a0[q], _mm256_madd_epi16(c0, w));
+                        a1[q] = _mm256_add_epi32(a1[q], _mm256_madd_epi16(c1, w));
+                      }
+                      if constexpr (Bits == 2) {
+                        KVC_CODE_UNROLL
+                        for (int q = 0; q < Q; ++q) in_reg(a0[q], a1[q]);
+                      }
+                    });
+                  });
 }
 
 template <int Bits>
@@ -1131,28 +1190,14 @@ inline void dot_rows_int(const float* w, int nq, const std::uint8_t* rows, std::
   alignas(32) std::int16_t wi[4 * 16 * units<Bits>(max_d)];
   float alpha[4];
   const int L = weight_limit<Bits>(d);
-  for (int q0 = 0; q0 < nq; q0 += 4) {
-    const int Q = nq - q0 < 4 ? nq - q0 : 4;
+  in_fours(nq, [&](auto quad, int q0) noexcept KVC_CODE_LAMBDA_INLINE {
+    constexpr int Q = decltype(quad)::value;
     for (int q = 0; q < Q; ++q) {
       alpha[q] = round_weights(w + static_cast<std::size_t>(q0 + q) * d, d, L, natural);
       to_unit_order<Bits>(natural, d, wi + q * ws);
     }
-    float* o = out + q0 * ns;
-    switch (Q) {
-      case 4:
-        key_rows<Bits, 4>(wi, ws, alpha, rows, stride, n, d, o, ns);
-        break;
-      case 3:
-        key_rows<Bits, 3>(wi, ws, alpha, rows, stride, n, d, o, ns);
-        break;
-      case 2:
-        key_rows<Bits, 2>(wi, ws, alpha, rows, stride, n, d, o, ns);
-        break;
-      default:
-        key_rows<Bits, 1>(wi, ws, alpha, rows, stride, n, d, o, ns);
-        break;
-    }
-  }
+    key_rows<Bits, Q>(wi, ws, alpha, rows, stride, n, d, out + q0 * ns, ns);
+  });
 }
 
 // Values. For a chunk of T <= vchunk rows, query row q and group k: a_t = p[q][t] s[t][k] is
@@ -1240,8 +1285,11 @@ inline void transpose_params(const float* src, int T8, int ng, float (*dst)[vchu
 }
 
 // The factors of a chunk for Q query rows: p [q][ns] from column t0, scale / zero [t][ng].
-inline void value_factors_int(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
-                              const float* zero, value_weights& vw) noexcept {
+// For each query row q < Q and group k < ng, a[t] = p[q][t0 + t] s[t][k] (zero for t >= T, up
+// to vchunk) and zsum = sum_t p z go to sink(q, k, a, T8, zsum), T8 = T rounded up to 8.
+template <class Sink>
+inline void value_factors(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
+                          const float* zero, Sink&& sink) noexcept {
   alignas(32) float st[max_d / 32][vchunk], zt[max_d / 32][vchunk], a[vchunk];
   alignas(32) float pad[2][8 * (max_d / 32)];
   const int T8 = (T + 7) & ~7, full = T & ~7;
@@ -1260,6 +1308,7 @@ inline void value_factors_int(const float* p, std::size_t ns, int Q, int t0, int
   };
   params(scale, st, pad[0]);
   if (zero != nullptr) params(zero, zt, pad[1]);
+  std::memset(a + T8, 0, sizeof(float) * static_cast<std::size_t>(vchunk - T8));
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int q = 0; q < Q; ++q) {
     const float* pq = p + static_cast<std::size_t>(q) * ns + t0;
@@ -1271,20 +1320,31 @@ inline void value_factors_int(const float* p, std::size_t ns, int Q, int t0, int
         _mm256_store_ps(a + t, _mm256_mul_ps(pv, _mm256_load_ps(st[k] + t)));
         if (zero != nullptr) zsum = _mm256_fmadd_ps(pv, _mm256_load_ps(zt[k] + t), zsum);
       }
-      vw.beta[q][k] = round_weights(a, T8, 32767, vw.a[q][k]);
-      vw.a[q][k][T] = 0;  // the partner of an odd last row
-      vw.zs[q][k] = avx2::lane_sum(zsum);
+      sink(q, k, static_cast<const float*>(a), T8, avx2::lane_sum(zsum));
     }
   }
 }
 
-template <int Bits>
-inline void accumulate_rows_int(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
-                                int group, const float* scale, const float* zero, float* acc) noexcept {
+inline void value_factors_int(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
+                              const float* zero, value_weights& vw) noexcept {
+  value_factors(p, ns, Q, t0, T, ng, scale, zero, [&](int q, int k, const float* a, int T8, float zs) noexcept {
+    vw.beta[q][k] = round_weights(a, T8, 32767, vw.a[q][k]);
+    vw.a[q][k][T] = 0;  // the partner of an odd last row
+    vw.zs[q][k] = zs;
+  });
+}
+
+// The value pass of the integer and byte kernels: rows in chunks of vchunk (the next chunk
+// fetched meanwhile), query rows four at a time; per chunk and four query rows,
+// factors(p, ns, Q, t0, T, ng, scale, zero, w) fills the weights w, then
+// units(std::integral_constant<int, Q>{}, w, chunk, stride, T, d, g, acc) adds the chunk.
+template <class Weights, class Factors, class Units>
+inline void value_chunks(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d, int group,
+                         const float* scale, const float* zero, float* acc, Factors&& factors, Units&& units) noexcept {
   const std::size_t ds = static_cast<std::size_t>(d), ns = static_cast<std::size_t>(n);
   const int g = group < d ? group : d;
   const int ng = (d + g - 1) / g;
-  value_weights vw;
+  Weights w;
   for (int t0 = 0; t0 < n; t0 += vchunk) {
     const int T = n - t0 < vchunk ? n - t0 : vchunk;
     const std::uint8_t* chunk = rows + static_cast<std::size_t>(t0) * stride;
@@ -1294,35 +1354,246 @@ inline void accumulate_rows_int(const float* p, int nq, const std::uint8_t* rows
     }
     for (int q0 = 0; q0 < nq; q0 += 4) {
       const int Q = nq - q0 < 4 ? nq - q0 : 4;
-      value_factors_int(p + q0 * ns, ns, Q, t0, T, ng, scale, zero, vw);
+      factors(p + q0 * ns, ns, Q, t0, T, ng, scale, zero, w);
       float* aq = acc + q0 * ds;
-      switch (Q) {
-        case 4:
-          value_units<Bits, 4>(vw, chunk, stride, T, d, g, aq);
-          break;
-        case 3:
-          value_units<Bits, 3>(vw, chunk, stride, T, d, g, aq);
-          break;
-        case 2:
-          value_units<Bits, 2>(vw, chunk, stride, T, d, g, aq);
-          break;
-        default:
-          value_units<Bits, 1>(vw, chunk, stride, T, d, g, aq);
-          break;
-      }
+      in_fours(Q, [&](auto quad, int) noexcept KVC_CODE_LAMBDA_INLINE { units(quad, w, chunk, stride, T, d, g, aq); });
     }
   }
 }
 
+template <int Bits>
+inline void accumulate_rows_int(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                                int group, const float* scale, const float* zero, float* acc) noexcept {
+  value_chunks<value_weights>(p, nq, rows, stride, n, d, group, scale, zero, acc, value_factors_int,
+                              [](auto q, const value_weights& vw, const std::uint8_t* chunk, std::size_t st, int T,
+                                 int dd, int g, float* aq) noexcept KVC_CODE_LAMBDA_INLINE {
+                                value_units<Bits, decltype(q)::value>(vw, chunk, st, T, dd, g, aq);
+                              });
+}
+
 }  // namespace avx2i
+
+// ---- Byte kernels: B = 2 and 4, d a multiple of 32 up to max_d, for callers that ask for
+// 8-bit weights (WeightBits = 8 below). As the integer kernels, but the weights are rounded
+// to 8-bit integers (a = max |x| / 127, |round(x / a)| <= 127) and multiplied with the codes
+// as bytes by VPMADDUBSW: 32 products an instruction, twice VPMADDWD's, summed in int16
+// lanes; every sum stays inside int16 (a lane adds at most 2 (2^B - 1) 127 an instruction:
+// at most eight such for B = 4 before it is widened to int32, 43 for B = 2). Rounding: a key
+// sum is off by at most (max |w| / 254) sum_c code_c, a value sum by (max_t |p_t s_t| / 254)
+// sum_t code_t per chunk of 64 rows: 2^-8 of the largest term per code unit.
+//
+// A block of 32 codes becomes one vector of 32 bytes in channel order: for B = 4 its 16 bytes
+// in both halves, the upper half shifted right by 4, then the low nibble of each byte; for
+// B = 2 its 8 bytes in all four quarters, quarter j shifted right by 2 j, then the low two
+// bits (byte i of quarter j is code 8 j + i of the block).
+namespace avx2b {
+
+inline constexpr int max_d = 256;
+inline constexpr int vchunk = avx2i::vchunk;
+
+template <int Bits>
+constexpr bool supported(int d) noexcept {
+  return (Bits == 2 || Bits == 4) && d > 0 && d % 32 == 0 && d <= max_d;
+}
+
+// out[i] = round(x[i] / a) for i < n (n a multiple of 32), a = m / 127 with m = max |x|;
+// returns a (0 when every x is 0).
+inline float round_weights8(const float* x, int n, float m, std::int8_t* out) noexcept {
+  if (!(m > 0.0f)) {
+    std::memset(out, 0, static_cast<std::size_t>(n));
+    return 0.0f;
+  }
+  const __m256 inv = _mm256_set1_ps(127.0f / m);
+  // Packing interleaves the four vectors by 32-bit groups: the permutation puts them back.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int i = 0; i < n; i += 32) {
+    const auto r = [&](int j) noexcept {
+      return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), inv));
+    };
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r(0), r(1)), _mm256_packs_epi32(r(2), r(3)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(b, order));
+  }
+  return m / 127.0f;
+}
+
+inline float round_weights8(const float* x, int n, std::int8_t* out) noexcept {
+  return round_weights8(x, n, avx2i::max_abs(x, n), out);
+}
+
+// The 32 codes of the block at p as bytes, in channel order.
+template <int Bits>
+KVC_CODE_INLINE __m256i block_bytes_of(const std::uint8_t* p) noexcept {
+  if constexpr (Bits == 4) {
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_and_si256(_mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+  } else {
+    std::int64_t v;
+    std::memcpy(&v, p, sizeof v);
+    const __m256i x = _mm256_set1_epi64x(v);
+    return _mm256_and_si256(_mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3));
+  }
+}
+
+// out[q ns + t] = alpha[q] sum_c wb[q][c] code(t, c) for Q query rows (wb int8, d a row),
+// rows [0, n): two rows at a time, 2 Q int16 accumulators; the sums of eight rows are
+// reduced together.
+template <int Bits, int Q>
+inline void key_rows(const std::int8_t* wb, const float* alpha, const std::uint8_t* rows, std::size_t stride, int n,
+                     int d, float* out, std::size_t ns) noexcept {
+  constexpr int bb = block_bytes<Bits>;
+  const int nb = d / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  avx2i::key_row_sums<Q>(
+      rows, stride, n, alpha, out, ns,
+      [&](const std::uint8_t* r0, const std::uint8_t* r1, __m256i(&a0)[Q],
+          __m256i(&a1)[Q]) noexcept KVC_CODE_LAMBDA_INLINE {
+        KVC_CODE_UNROLL
+        for (int q = 0; q < Q; ++q) a0[q] = a1[q] = _mm256_setzero_si256();
+        for (int b = 0; b < nb; ++b) {
+          const __m256i c0 = block_bytes_of<Bits>(r0 + b * bb), c1 = block_bytes_of<Bits>(r1 + b * bb);
+          KVC_CODE_UNROLL
+          for (int q = 0; q < Q; ++q) {
+            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + q * d + 32 * b));
+            a0[q] = _mm256_add_epi16(a0[q], _mm256_maddubs_epi16(c0, w));
+            a1[q] = _mm256_add_epi16(a1[q], _mm256_maddubs_epi16(c1, w));
+          }
+        }
+        KVC_CODE_UNROLL
+        for (int q = 0; q < Q; ++q) {  // int16 lanes, pairwise to int32
+          a0[q] = _mm256_madd_epi16(a0[q], ones);
+          a1[q] = _mm256_madd_epi16(a1[q], ones);
+        }
+      });
+}
+
+template <int Bits>
+inline void dot_rows_b(const float* w, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                       float* out) noexcept {
+  const std::size_t ns = static_cast<std::size_t>(n), ds = static_cast<std::size_t>(d);
+  alignas(32) std::int8_t wb[4 * max_d];
+  float alpha[4];
+  avx2i::in_fours(nq, [&](auto quad, int q0) noexcept KVC_CODE_LAMBDA_INLINE {
+    constexpr int Q = decltype(quad)::value;
+    for (int q = 0; q < Q; ++q) alpha[q] = round_weights8(w + (q0 + q) * ds, d, wb + q * d);
+    key_rows<Bits, Q>(wb, alpha, rows, stride, n, d, out + q0 * ns, ns);
+  });
+}
+
+// Values. For a chunk of T <= vchunk rows, query row q and group k: a_t = p[q][t] s[t][k]
+// is rounded to int8 (scale beta[q][k]), and the pair (a_t, a_t+1) kept twice in 32 bits, so
+// that one broadcast gives VPMADDUBSW its weights against the interleaved codes of rows t,
+// t + 1 (VPUNPCKLBW / HBW): each int16 lane adds both rows' products for one channel.
+struct value_weights {
+  alignas(32) std::int32_t a[4][max_d / 32][vchunk / 2];  // [q][k][row pair]
+  float beta[4][max_d / 32];
+  float zs[4][max_d / 32];
+};
+
+inline void value_factors_b(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
+                            const float* zero, value_weights& vw) noexcept {
+  avx2i::value_factors(p, ns, Q, t0, T, ng, scale, zero, [&](int q, int k, const float* a, int, float zs) noexcept {
+    alignas(32) std::int8_t r[vchunk];
+    vw.beta[q][k] = round_weights8(a, vchunk, r);  // a is zero past T
+    for (int i = 0; i < vchunk; i += 32) {
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(r + i));  // 16 pairs
+      const __m256i lo = _mm256_unpacklo_epi16(v, v), hi = _mm256_unpackhi_epi16(v, v);
+      std::int32_t* dst = vw.a[q][k] + i / 2;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    vw.zs[q][k] = zs;
+  });
+}
+
+// Channels [c, c + 32) (one block, in group k) over the rows of a chunk: acc[q][c ..] +=
+// beta (sums) + the zero-point sums.
+template <int Bits, int Q>
+KVC_CODE_INLINE void value_block(const value_weights& vw, const std::uint8_t* at, std::size_t stride, int T, int c,
+                                 int k, float* acc, std::size_t ds) noexcept {
+  constexpr int run = Bits == 4 ? 8 : vchunk / 2;  // row pairs an int16 lane can add up
+  const int pairs = (T + 1) / 2;
+  alignas(32) std::int32_t sum[Q][32];
+  for (int p0 = 0; p0 < pairs; p0 += run) {
+    const int p1 = pairs - p0 < run ? pairs : p0 + run;
+    __m256i lo[Q], hi[Q];
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
+    for (int tp = p0; tp < p1; ++tp) {
+      const std::uint8_t* r0 = at + static_cast<std::size_t>(2 * tp) * stride;
+      const std::uint8_t* r1 = 2 * tp + 1 < T ? r0 + stride : r0;  // weight 0 past T
+      const __m256i x0 = block_bytes_of<Bits>(r0), x1 = block_bytes_of<Bits>(r1);
+      // Channels 0-7 and 16-23 (lo), 8-15 and 24-31 (hi), each as (row t, row t + 1) bytes.
+      const __m256i l = _mm256_unpacklo_epi8(x0, x1), h = _mm256_unpackhi_epi8(x0, x1);
+      KVC_CODE_UNROLL
+      for (int q = 0; q < Q; ++q) {
+        const __m256i w = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(vw.a[q][k] + tp)));
+        lo[q] = _mm256_add_epi16(lo[q], _mm256_maddubs_epi16(l, w));
+        hi[q] = _mm256_add_epi16(hi[q], _mm256_maddubs_epi16(h, w));
+      }
+    }
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q) {
+      const __m256i part[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo[q])),
+                               _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi[q])),
+                               _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo[q], 1)),
+                               _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi[q], 1))};
+      for (int j = 0; j < 4; ++j) {
+        __m256i* dst = reinterpret_cast<__m256i*>(sum[q] + 8 * j);
+        _mm256_store_si256(dst, p0 == 0 ? part[j] : _mm256_add_epi32(_mm256_load_si256(dst), part[j]));
+      }
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    float* o = acc + q * ds + c;
+    const __m256 beta = _mm256_set1_ps(vw.beta[q][k]), zs = _mm256_set1_ps(vw.zs[q][k]);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 x = _mm256_fmadd_ps(
+          _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sum[q] + 8 * j))), beta, zs);
+      _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(_mm256_loadu_ps(o + 8 * j), x));
+    }
+  }
+}
+
+template <int Bits, int Q>
+inline void value_blocks(const value_weights& vw, const std::uint8_t* rows, std::size_t stride, int T, int d, int group,
+                         float* acc) noexcept {
+  const std::size_t ds = static_cast<std::size_t>(d);
+  for (int b = 0; b < d / 32; ++b)
+    value_block<Bits, Q>(vw, rows + static_cast<std::size_t>(b) * block_bytes<Bits>, stride, T, 32 * b, 32 * b / group,
+                         acc, ds);
+}
+
+template <int Bits>
+inline void accumulate_rows_b(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
+                              int group, const float* scale, const float* zero, float* acc) noexcept {
+  avx2i::value_chunks<value_weights>(p, nq, rows, stride, n, d, group, scale, zero, acc, value_factors_b,
+                                     [](auto q, const value_weights& vw, const std::uint8_t* chunk, std::size_t st,
+                                        int T, int dd, int g, float* aq) noexcept KVC_CODE_LAMBDA_INLINE {
+                                       value_blocks<Bits, decltype(q)::value>(vw, chunk, st, T, dd, g, aq);
+                                     });
+}
+
+}  // namespace avx2b
 #endif  // KVC_CODE_KERNELS_AVX2
 
-template <int Bits, bool Signed>
+template <int WeightBits>
+constexpr void check_weights() noexcept {
+  static_assert(WeightBits == 16 || WeightBits == 8, "kvc: attention weights are rounded to 16 or 8 bits");
+}
+
+template <int Bits, bool Signed, int WeightBits = 16>
 inline void dot_rows(const float* w, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
                      float* out) noexcept {
   check_kind<Bits, Signed>();
+  check_weights<WeightBits>();
   if (nq <= 0 || n <= 0) return;
 #if KVC_CODE_KERNELS_AVX2
+  if constexpr (!Signed && WeightBits == 8 && (Bits == 2 || Bits == 4)) {
+    if (avx2b::supported<Bits>(d)) {
+      avx2b::dot_rows_b<Bits>(w, nq, rows, stride, n, d, out);
+      return;
+    }
+  }
   if constexpr (!Signed && Bits != 3) {
     if (avx2i::supported<Bits>(d)) {
       avx2i::dot_rows_int<Bits>(w, nq, rows, stride, n, d, out);
@@ -1335,12 +1606,19 @@ inline void dot_rows(const float* w, int nq, const std::uint8_t* rows, std::size
 #endif
 }
 
-template <int Bits, bool Signed>
+template <int Bits, bool Signed, int WeightBits = 16>
 inline void accumulate_rows(const float* p, int nq, const std::uint8_t* rows, std::size_t stride, int n, int d,
                             int group, const float* scale, const float* zero, float* acc) noexcept {
   check_kind<Bits, Signed>();
+  check_weights<WeightBits>();
   if (nq <= 0 || n <= 0 || d <= 0) return;
 #if KVC_CODE_KERNELS_AVX2
+  if constexpr (!Signed && WeightBits == 8 && (Bits == 2 || Bits == 4)) {
+    if (avx2b::supported<Bits>(d) && (group % 32 == 0 || group >= d)) {
+      avx2b::accumulate_rows_b<Bits>(p, nq, rows, stride, n, d, group, scale, zero, acc);
+      return;
+    }
+  }
   if constexpr (!Signed && Bits != 3) {
     if (avx2i::supported<Bits>(d) && (group % 32 == 0 || group >= d)) {
       avx2i::accumulate_rows_int<Bits>(p, nq, rows, stride, n, d, group, scale, zero, acc);
@@ -1372,24 +1650,41 @@ constexpr bool integer_code_kernels(int d, int group = 0) noexcept {
 #endif
 }
 
+// True where dot_code_rows<Bits, 8> (group 0) or accumulate_code_rows<Bits, 8> (group > 0)
+// at head_dim d run the byte kernels, which round their float weights to 8 bits (see "Byte
+// kernels" above): B = 2, 4, d a multiple of 32 up to 256, value groups a multiple of 32 (or
+// d or more), AVX2. Elsewhere WeightBits = 8 changes nothing: the 16-bit integer kernels or
+// the float kernels run as for WeightBits = 16.
+template <int Bits>
+constexpr bool byte_code_kernels(int d, int group = 0) noexcept {
+#if KVC_CODE_KERNELS_AVX2
+  return code_kernel::avx2b::supported<Bits>(d) && (group <= 0 || group % 32 == 0 || group >= d);
+#else
+  (void)d, (void)group;
+  return false;
+#endif
+}
+
 // out[g n_rows + t] = sum_c w[g d + c] code(t, c) for g < nq, t < n_rows: w are nq query
 // rows of d channels with the per-channel key scale folded in, code(t, c) is code c of the
-// packed row at rows + t row_stride (Bits in {2, 3, 4, 8}).
-template <int Bits>
+// packed row at rows + t row_stride (Bits in {2, 3, 4, 8}). WeightBits (16 or 8): the
+// precision the integer kernels round w to (integer_code_kernels, byte_code_kernels).
+template <int Bits, int WeightBits = 16>
 inline void dot_code_rows(const float* w, int nq, const std::uint8_t* rows, std::size_t row_stride, int n_rows, int d,
                           float* out) noexcept {
-  code_kernel::dot_rows<Bits, false>(w, nq, rows, row_stride, n_rows, d, out);
+  code_kernel::dot_rows<Bits, false, WeightBits>(w, nq, rows, row_stride, n_rows, d, out);
 }
 
 // acc[g d + c] += sum_t p[g n_rows + t] (scale[t ng + k] code(t, c) + zero[t ng + k]),
 // k = c / group, ng = ceil(d / group), for g < nq, c < d: p are nq rows of attention
 // weights, scale and zero each row's per-group dequantisation parameters (zero may be null:
 // no zero points). group is a positive multiple of 8 (the last group may be partial); other
-// sizes take the portable loop.
-template <int Bits>
+// sizes take the portable loop. WeightBits (16 or 8): the precision the integer kernels round
+// p scale to (integer_code_kernels, byte_code_kernels).
+template <int Bits, int WeightBits = 16>
 inline void accumulate_code_rows(const float* p, int nq, const std::uint8_t* rows, std::size_t row_stride, int n_rows,
                                  int d, int group, const float* scale, const float* zero, float* acc) noexcept {
-  code_kernel::accumulate_rows<Bits, false>(p, nq, rows, row_stride, n_rows, d, group, scale, zero, acc);
+  code_kernel::accumulate_rows<Bits, false, WeightBits>(p, nq, rows, row_stride, n_rows, d, group, scale, zero, acc);
 }
 
 // int8 symmetric rows (row_stride in elements): out[g n_rows + t] = sum_c w[g d + c] rows[t row_stride + c].
@@ -1435,3 +1730,4 @@ KVC_NAMESPACE_END
 
 #undef KVC_CODE_UNROLL
 #undef KVC_CODE_INLINE
+#undef KVC_CODE_LAMBDA_INLINE
