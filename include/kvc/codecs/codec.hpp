@@ -234,6 +234,11 @@ struct value_role<C, std::void_t<typename C::value>> {
 };
 template <class C>
 using key_role_t = typename key_role<C>::type;
+// True when C is a codec pair (has both key and value member types).
+template <class C, class = void>
+struct is_codec_pair : std::false_type {};
+template <class C>
+struct is_codec_pair<C, std::void_t<typename C::key, typename C::value>> : std::true_type {};
 template <class C>
 using value_role_t = typename value_role<C>::type;
 

@@ -94,11 +94,6 @@ struct name_of {
   static constexpr text<length(Inner::name) + 7> value = wrapped_name<length(Inner::name) + 7>("gear<", Inner::name);
 };
 
-template <class T, class = void>
-struct is_pair : std::false_type {};
-template <class T>
-struct is_pair<T, std::void_t<typename T::key, typename T::value>> : std::true_type {};
-
 constexpr gear_params make_params(int per_mille, int rank, int steps) noexcept {
   gear_params p;
   p.outlier_fraction = static_cast<float>(per_mille) / 1000.0f;
@@ -303,7 +298,7 @@ namespace codec {
 
 // GEAR over Base (see the file comment); a codec pair gives a pair of corrected codecs.
 template <class Base, int OutlierPerMille, int Rank, int Steps>
-struct gear : std::conditional_t<detail::gcodec::is_pair<Base>::value,
+struct gear : std::conditional_t<detail::is_codec_pair<Base>::value,
                                  detail::gcodec::pair_of<Base, OutlierPerMille, Rank, Steps>,
                                  detail::gcodec::page_codec<Base, OutlierPerMille, Rank, Steps>> {};
 

@@ -46,11 +46,6 @@ namespace detail {
 namespace w8codec {
 
 template <class T, class = void>
-struct is_pair : std::false_type {};
-template <class T>
-struct is_pair<T, std::void_t<typename T::key, typename T::value>> : std::true_type {};
-
-template <class T, class = void>
 struct has_key_logits8 : std::false_type {};
 template <class T>
 struct has_key_logits8<
@@ -107,7 +102,7 @@ namespace codec {
 
 // Base with 8-bit attention weights (see the file comment); a codec pair gives a pair.
 template <class Base>
-struct weights8 : std::conditional_t<detail::w8codec::is_pair<Base>::value, detail::w8codec::pair_of<Base>,
+struct weights8 : std::conditional_t<detail::is_codec_pair<Base>::value, detail::w8codec::pair_of<Base>,
                                      detail::w8codec::page_codec<Base>> {};
 
 }  // namespace codec

@@ -89,6 +89,10 @@ namespace code_kernel {
 template <int Bits>
 constexpr int block_bytes = 4 * Bits;
 
+// True when value groups of `group` channels (group <= 0: none, as for keys) are made of whole
+// 32-code blocks at head_dim d, as the integer and byte kernels need.
+constexpr bool whole_block_groups(int d, int group) noexcept { return group <= 0 || group % 32 == 0 || group >= d; }
+
 template <int Bits, bool Signed>
 constexpr void check_kind() noexcept {
   static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kvc: codes are 2, 3, 4 or 8 bits");
@@ -973,9 +977,10 @@ inline float max_abs(const float* x, int n) noexcept {
   return lane_max(mx);
 }
 
-// out[i] = round(x[i] / a) for i < n (n a multiple of 8), a = m / L with m = max |x|;
-// returns a (0 when every x is 0).
-inline float round_weights(const float* x, int n, float m, int L, std::int16_t* out) noexcept {
+// out[i] = round(x[i] / a) for i < n (n a multiple of 8), a = max |x| / L; returns a (0 when
+// every x is 0).
+inline float round_weights(const float* x, int n, int L, std::int16_t* out) noexcept {
+  const float m = max_abs(x, n);
   if (!(m > 0.0f)) {
     std::memset(out, 0, sizeof(std::int16_t) * static_cast<std::size_t>(n));
     return 0.0f;
@@ -987,10 +992,6 @@ inline float round_weights(const float* x, int n, float m, int L, std::int16_t* 
                      _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(r, r), 0xD8)));
   }
   return m / static_cast<float>(L);
-}
-
-inline float round_weights(const float* x, int n, int L, std::int16_t* out) noexcept {
-  return round_weights(x, n, max_abs(x, n), L, out);
 }
 
 // Query rows in unit order: for B = 2, unit 4 i + s takes channels 64 i + 8 s .. + 8 and
@@ -1396,9 +1397,10 @@ constexpr bool supported(int d) noexcept {
   return (Bits == 2 || Bits == 4) && d > 0 && d % 32 == 0 && d <= max_d;
 }
 
-// out[i] = round(x[i] / a) for i < n (n a multiple of 32), a = m / 127 with m = max |x|;
-// returns a (0 when every x is 0).
-inline float round_weights8(const float* x, int n, float m, std::int8_t* out) noexcept {
+// out[i] = round(x[i] / a) for i < n (n a multiple of 32), a = max |x| / 127; returns a (0
+// when every x is 0).
+inline float round_weights8(const float* x, int n, std::int8_t* out) noexcept {
+  const float m = avx2i::max_abs(x, n);
   if (!(m > 0.0f)) {
     std::memset(out, 0, static_cast<std::size_t>(n));
     return 0.0f;
@@ -1414,10 +1416,6 @@ inline float round_weights8(const float* x, int n, float m, std::int8_t* out) no
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(b, order));
   }
   return m / 127.0f;
-}
-
-inline float round_weights8(const float* x, int n, std::int8_t* out) noexcept {
-  return round_weights8(x, n, avx2i::max_abs(x, n), out);
 }
 
 // The 32 codes of the block at p as bytes, in channel order.
@@ -1614,13 +1612,13 @@ inline void accumulate_rows(const float* p, int nq, const std::uint8_t* rows, st
   if (nq <= 0 || n <= 0 || d <= 0) return;
 #if KVC_CODE_KERNELS_AVX2
   if constexpr (!Signed && WeightBits == 8 && (Bits == 2 || Bits == 4)) {
-    if (avx2b::supported<Bits>(d) && (group % 32 == 0 || group >= d)) {
+    if (avx2b::supported<Bits>(d) && whole_block_groups(d, group)) {
       avx2b::accumulate_rows_b<Bits>(p, nq, rows, stride, n, d, group, scale, zero, acc);
       return;
     }
   }
   if constexpr (!Signed && Bits != 3) {
-    if (avx2i::supported<Bits>(d) && (group % 32 == 0 || group >= d)) {
+    if (avx2i::supported<Bits>(d) && whole_block_groups(d, group)) {
       avx2i::accumulate_rows_int<Bits>(p, nq, rows, stride, n, d, group, scale, zero, acc);
       return;
     }
@@ -1643,7 +1641,7 @@ inline void accumulate_rows(const float* p, int nq, const std::uint8_t* rows, st
 template <int Bits>
 constexpr bool integer_code_kernels(int d, int group = 0) noexcept {
 #if KVC_CODE_KERNELS_AVX2
-  return code_kernel::avx2i::supported<Bits>(d) && (group <= 0 || group % 32 == 0 || group >= d);
+  return code_kernel::avx2i::supported<Bits>(d) && code_kernel::whole_block_groups(d, group);
 #else
   (void)d, (void)group;
   return false;
@@ -1658,7 +1656,7 @@ constexpr bool integer_code_kernels(int d, int group = 0) noexcept {
 template <int Bits>
 constexpr bool byte_code_kernels(int d, int group = 0) noexcept {
 #if KVC_CODE_KERNELS_AVX2
-  return code_kernel::avx2b::supported<Bits>(d) && (group <= 0 || group % 32 == 0 || group >= d);
+  return code_kernel::avx2b::supported<Bits>(d) && code_kernel::whole_block_groups(d, group);
 #else
   (void)d, (void)group;
   return false;
