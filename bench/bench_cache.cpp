@@ -18,7 +18,8 @@
 //                (head_dim 128, the 4 query heads of a GQA group): keys (q.k from the codes)
 //                and values (p.v into 4 outputs), ns per token and KV head, for the kernels
 //                attend uses (integer kernels for 2, 4 and 8 bits with AVX2) and, in the
-//                same run, the float kernels they replace.
+//                same run, the float kernels they replace and the byte kernels of
+//                codec::weights8 (8-bit weights; 2 and 4 bits).
 //   mac_floor    the multiply-add instructions alone that one code kernel needs per token
 //                and KV head, operands in registers: the floor under code_kernels.
 //

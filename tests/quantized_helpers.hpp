@@ -154,7 +154,7 @@ bool byte_kernels(int d) {
 // largest term passes through the softmax and the weighted sum of values, whose terms mostly
 // cancel (|o| is about a tenth of a typical |v| here): 2^-16 x 10 x 2.5 (keys and values)
 // gives the bound 4e-4 (measured 0.6e-4 to 1.5e-4). codec::weights8 rounds them to 2^-8
-// where its byte kernels run: 2^-8 x 10 x 2.5 gives 0.1 (measured 0.009 to 0.02).
+// where its byte kernels run: 2^-8 x 10 x 2.5 gives 0.1 (measured 0.018 to 0.037).
 template <class K, class V>
 void fused_attend_equals_attention_over_decoded_rows() {
   using cache_t = kvc::paged_kv_cache<K, V>;
