@@ -68,8 +68,10 @@
 #endif
 #if defined(__GNUC__) || defined(__clang__)
 #define KVC_CODE_INLINE inline __attribute__((always_inline))
+#define KVC_CODE_OUTLINE inline __attribute__((noinline))  // a function of its own (its registers too)
 #else
 #define KVC_CODE_INLINE inline
+#define KVC_CODE_OUTLINE inline
 #endif
 // The same for a lambda, after its noexcept (GCC; Clang inlines these lambdas by itself).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -977,10 +979,9 @@ inline float max_abs(const float* x, int n) noexcept {
   return lane_max(mx);
 }
 
-// out[i] = round(x[i] / a) for i < n (n a multiple of 8), a = max |x| / L; returns a (0 when
-// every x is 0).
-inline float round_weights(const float* x, int n, int L, std::int16_t* out) noexcept {
-  const float m = max_abs(x, n);
+// out[i] = round(x[i] / a) for i < n (n a multiple of 8), a = m / L where m = max |x| (the
+// caller's, often found while x was written); returns a (0 when every x is 0).
+inline float round_weights(const float* x, int n, int L, float m, std::int16_t* out) noexcept {
   if (!(m > 0.0f)) {
     std::memset(out, 0, sizeof(std::int16_t) * static_cast<std::size_t>(n));
     return 0.0f;
@@ -1167,18 +1168,17 @@ inline void key_rows(const std::int16_t* wi, std::size_t ws, const float* alpha,
                       for (int q = 0; q < Q; ++q) {
                         __m256i w = _mm256_load_si256(
                             reinterpret_cast<const __m256i*>(wi + q * ws + 16 * static_cast<std::size_t>(u)));
-                        // 2-bit keys unpack four units from one load: pinning w to one load, and
-                        // each unit's sums before the next, keeps GCC from spilling
-                        // (BM_code_kernels: 15-20% faster; for 4- and 8-bit units it measured the
-                        // same or slower).
+                        // Each unit's sums are pinned to registers before the next (below): else
+                        // GCC carries some of them through memory across the loop (4-bit keys:
+                        // 14-25% faster). 2-bit keys unpack four units from one load and also
+                        // need w pinned to one load (15-20% faster); for 4- and 8-bit units that
+                        // measured the same or slower.
                         if constexpr (Bits == 2) in_reg(w);
                         a0[q] = _mm256_add_epi32(a0[q], _mm256_madd_epi16(c0, w));
                         a1[q] = _mm256_add_epi32(a1[q], _mm256_madd_epi16(c1, w));
                       }
-                      if constexpr (Bits == 2) {
-                        KVC_CODE_UNROLL
-                        for (int q = 0; q < Q; ++q) in_reg(a0[q], a1[q]);
-                      }
+                      KVC_CODE_UNROLL
+                      for (int q = 0; q < Q; ++q) in_reg(a0[q], a1[q]);
                     });
                   });
 }
@@ -1194,7 +1194,8 @@ inline void dot_rows_int(const float* w, int nq, const std::uint8_t* rows, std::
   in_fours(nq, [&](auto quad, int q0) noexcept KVC_CODE_LAMBDA_INLINE {
     constexpr int Q = decltype(quad)::value;
     for (int q = 0; q < Q; ++q) {
-      alpha[q] = round_weights(w + static_cast<std::size_t>(q0 + q) * d, d, L, natural);
+      const float* wq = w + static_cast<std::size_t>(q0 + q) * d;
+      alpha[q] = round_weights(wq, d, L, max_abs(wq, d), natural);
       to_unit_order<Bits>(natural, d, wi + q * ws);
     }
     key_rows<Bits, Q>(wi, ws, alpha, rows, stride, n, d, out + q0 * ns, ns);
@@ -1221,9 +1222,7 @@ KVC_CODE_INLINE void value_unit(const value_weights& vw, const std::uint8_t* at,
   __m256i lo[Q], hi[Q];
   KVC_CODE_UNROLL
   for (int q = 0; q < Q; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
-  for (int tp = 0; tp < pairs; ++tp) {
-    const std::uint8_t* r0 = at + static_cast<std::size_t>(2 * tp) * stride;
-    const std::uint8_t* r1 = 2 * tp + 1 < T ? r0 + stride : r0;  // weight 0 past T
+  const auto pair = [&](int tp, const std::uint8_t* r0, const std::uint8_t* r1) noexcept KVC_CODE_LAMBDA_INLINE {
     const __m256i x0 = unit_at<Bits, J>(r0), x1 = unit_at<Bits, J>(r1);
     const __m256i l = _mm256_unpacklo_epi16(x0, x1), h = _mm256_unpackhi_epi16(x0, x1);
     KVC_CODE_UNROLL
@@ -1232,7 +1231,15 @@ KVC_CODE_INLINE void value_unit(const value_weights& vw, const std::uint8_t* at,
       lo[q] = _mm256_add_epi32(lo[q], _mm256_madd_epi16(l, w));
       hi[q] = _mm256_add_epi32(hi[q], _mm256_madd_epi16(h, w));
     }
-  }
+    // The sums stay in registers from pair to pair (else GCC carries some through memory:
+    // BM_code_kernels, 4-bit values 1.3-1.5x faster, 2-bit 1.2x).
+    KVC_CODE_UNROLL
+    for (int q = 0; q < Q; ++q) in_reg(lo[q], hi[q]);
+  };
+  const int full = T / 2;  // pairs of two rows below T
+  const std::uint8_t* r = at;
+  for (int tp = 0; tp < full; ++tp, r += 2 * stride) pair(tp, r, r + stride);
+  if (full < pairs) pair(full, r, r);  // weight 0 past T
   KVC_CODE_UNROLL
   for (int q = 0; q < Q; ++q) {
     // lo holds lanes 0-3 and 8-11 of the unit, hi lanes 4-7 and 12-15.
@@ -1245,9 +1252,11 @@ KVC_CODE_INLINE void value_unit(const value_weights& vw, const std::uint8_t* at,
   }
 }
 
+// Not inlined into the caller, so that the accumulators of value_unit get the registers
+// (inlined into paged_kv_cache's page loop, GCC spilled them).
 template <int Bits, int Q>
-inline void value_units(const value_weights& vw, const std::uint8_t* rows, std::size_t stride, int T, int d, int group,
-                        float* acc) noexcept {
+KVC_CODE_OUTLINE void value_units(const value_weights& vw, const std::uint8_t* rows, std::size_t stride, int T, int d,
+                                  int group, float* acc) noexcept {
   const std::size_t ds = static_cast<std::size_t>(d);
   for (int b = 0; b < d / 32; ++b) {
     const std::uint8_t* blk = rows + static_cast<std::size_t>(b) * 4 * Bits;
@@ -1287,11 +1296,12 @@ inline void transpose_params(const float* src, int T8, int ng, float (*dst)[vchu
 
 // The factors of a chunk for Q query rows: p [q][ns] from column t0, scale / zero [t][ng].
 // For each query row q < Q and group k < ng, a[t] = p[q][t0 + t] s[t][k] (zero for t >= T, up
-// to vchunk) and zsum = sum_t p z go to sink(q, k, a, T8, zsum), T8 = T rounded up to 8.
+// to vchunk), zsum = sum_t p z and amax = max_t |a[t]| go to sink(q, k, a, T8, zsum, amax),
+// T8 = T rounded up to 8. One pass per group reads its scales and zeros once for every query row.
 template <class Sink>
 inline void value_factors(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
                           const float* zero, Sink&& sink) noexcept {
-  alignas(32) float st[max_d / 32][vchunk], zt[max_d / 32][vchunk], a[vchunk];
+  alignas(32) float st[max_d / 32][vchunk], zt[max_d / 32][vchunk], a[4][vchunk], pz[4][vchunk];
   alignas(32) float pad[2][8 * (max_d / 32)];
   const int T8 = (T + 7) & ~7, full = T & ~7;
   const std::size_t gs = static_cast<std::size_t>(ng);
@@ -1309,30 +1319,47 @@ inline void value_factors(const float* p, std::size_t ns, int Q, int t0, int T, 
   };
   params(scale, st, pad[0]);
   if (zero != nullptr) params(zero, zt, pad[1]);
-  std::memset(a + T8, 0, sizeof(float) * static_cast<std::size_t>(vchunk - T8));
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int q = 0; q < Q; ++q) {
     const float* pq = p + static_cast<std::size_t>(q) * ns + t0;
-    for (int k = 0; k < ng; ++k) {
-      __m256 zsum = _mm256_setzero_ps();
-      for (int t = 0; t < T8; t += 8) {
-        const __m256 pv = t + 8 <= T ? _mm256_loadu_ps(pq + t)
-                                     : _mm256_maskload_ps(pq + t, _mm256_cmpgt_epi32(_mm256_set1_epi32(T - t), lanes));
-        _mm256_store_ps(a + t, _mm256_mul_ps(pv, _mm256_load_ps(st[k] + t)));
-        if (zero != nullptr) zsum = _mm256_fmadd_ps(pv, _mm256_load_ps(zt[k] + t), zsum);
-      }
-      sink(q, k, static_cast<const float*>(a), T8, avx2::lane_sum(zsum));
+    std::memcpy(pz[q], pq, sizeof(float) * static_cast<std::size_t>(full));
+    if (full < T)
+      _mm256_store_ps(pz[q] + full,
+                      _mm256_maskload_ps(pq + full, _mm256_cmpgt_epi32(_mm256_set1_epi32(T - full), lanes)));
+    std::memset(a[q] + T8, 0, sizeof(float) * static_cast<std::size_t>(vchunk - T8));
+  }
+  for (int k = 0; k < ng; ++k) {
+    __m256 zs[4], mx[4];
+    KVC_CODE_UNROLL
+    for (int q = 0; q < 4; ++q) zs[q] = mx[q] = _mm256_setzero_ps();
+    for (int t = 0; t < T8; t += 8) {
+      const __m256 sv = _mm256_load_ps(st[k] + t);
+      const __m256 zv = zero != nullptr ? _mm256_load_ps(zt[k] + t) : _mm256_setzero_ps();
+      KVC_CODE_UNROLL
+      for (int q = 0; q < 4; ++q)
+        if (q < Q) {
+          const __m256 pv = _mm256_load_ps(pz[q] + t);
+          const __m256 x = _mm256_mul_ps(pv, sv);
+          _mm256_store_ps(a[q] + t, x);
+          mx[q] = _mm256_max_ps(mx[q], _mm256_and_ps(x, abs_mask));
+          zs[q] = _mm256_fmadd_ps(pv, zv, zs[q]);
+        }
     }
+    KVC_CODE_UNROLL
+    for (int q = 0; q < 4; ++q)
+      if (q < Q) sink(q, k, static_cast<const float*>(a[q]), T8, avx2::lane_sum(zs[q]), lane_max(mx[q]));
   }
 }
 
 inline void value_factors_int(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
                               const float* zero, value_weights& vw) noexcept {
-  value_factors(p, ns, Q, t0, T, ng, scale, zero, [&](int q, int k, const float* a, int T8, float zs) noexcept {
-    vw.beta[q][k] = round_weights(a, T8, 32767, vw.a[q][k]);
-    vw.a[q][k][T] = 0;  // the partner of an odd last row
-    vw.zs[q][k] = zs;
-  });
+  value_factors(p, ns, Q, t0, T, ng, scale, zero,
+                [&](int q, int k, const float* a, int T8, float zs, float m) noexcept {
+                  vw.beta[q][k] = round_weights(a, T8, 32767, m, vw.a[q][k]);
+                  vw.a[q][k][T] = 0;  // the partner of an odd last row
+                  vw.zs[q][k] = zs;
+                });
 }
 
 // The value pass of the integer and byte kernels: rows in chunks of vchunk (the next chunk
@@ -1397,10 +1424,9 @@ constexpr bool supported(int d) noexcept {
   return (Bits == 2 || Bits == 4) && d > 0 && d % 32 == 0 && d <= max_d;
 }
 
-// out[i] = round(x[i] / a) for i < n (n a multiple of 32), a = max |x| / 127; returns a (0
-// when every x is 0).
-inline float round_weights8(const float* x, int n, std::int8_t* out) noexcept {
-  const float m = avx2i::max_abs(x, n);
+// out[i] = round(x[i] / a) for i < n (n a multiple of 32), a = m / 127 where m = max |x| (as
+// for round_weights); returns a (0 when every x is 0).
+inline float round_weights8(const float* x, int n, float m, std::int8_t* out) noexcept {
   if (!(m > 0.0f)) {
     std::memset(out, 0, static_cast<std::size_t>(n));
     return 0.0f;
@@ -1455,6 +1481,8 @@ inline void key_rows(const std::int8_t* wb, const float* alpha, const std::uint8
             a0[q] = _mm256_add_epi16(a0[q], _mm256_maddubs_epi16(c0, w));
             a1[q] = _mm256_add_epi16(a1[q], _mm256_maddubs_epi16(c1, w));
           }
+          KVC_CODE_UNROLL
+          for (int q = 0; q < Q; ++q) avx2i::in_reg(a0[q], a1[q]);  // as in avx2i::key_rows
         }
         KVC_CODE_UNROLL
         for (int q = 0; q < Q; ++q) {  // int16 lanes, pairwise to int32
@@ -1472,7 +1500,10 @@ inline void dot_rows_b(const float* w, int nq, const std::uint8_t* rows, std::si
   float alpha[4];
   avx2i::in_fours(nq, [&](auto quad, int q0) noexcept KVC_CODE_LAMBDA_INLINE {
     constexpr int Q = decltype(quad)::value;
-    for (int q = 0; q < Q; ++q) alpha[q] = round_weights8(w + (q0 + q) * ds, d, wb + q * d);
+    for (int q = 0; q < Q; ++q) {
+      const float* wq = w + (q0 + q) * ds;
+      alpha[q] = round_weights8(wq, d, avx2i::max_abs(wq, d), wb + q * d);
+    }
     key_rows<Bits, Q>(wb, alpha, rows, stride, n, d, out + q0 * ns, ns);
   });
 }
@@ -1489,18 +1520,19 @@ struct value_weights {
 
 inline void value_factors_b(const float* p, std::size_t ns, int Q, int t0, int T, int ng, const float* scale,
                             const float* zero, value_weights& vw) noexcept {
-  avx2i::value_factors(p, ns, Q, t0, T, ng, scale, zero, [&](int q, int k, const float* a, int, float zs) noexcept {
-    alignas(32) std::int8_t r[vchunk];
-    vw.beta[q][k] = round_weights8(a, vchunk, r);  // a is zero past T
-    for (int i = 0; i < vchunk; i += 32) {
-      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(r + i));  // 16 pairs
-      const __m256i lo = _mm256_unpacklo_epi16(v, v), hi = _mm256_unpackhi_epi16(v, v);
-      std::int32_t* dst = vw.a[q][k] + i / 2;
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(lo, hi, 0x20));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
-    }
-    vw.zs[q][k] = zs;
-  });
+  avx2i::value_factors(
+      p, ns, Q, t0, T, ng, scale, zero, [&](int q, int k, const float* a, int, float zs, float m) noexcept {
+        alignas(32) std::int8_t r[vchunk];
+        vw.beta[q][k] = round_weights8(a, vchunk, m, r);  // a is zero past T
+        for (int i = 0; i < vchunk; i += 32) {
+          const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(r + i));  // 16 pairs
+          const __m256i lo = _mm256_unpacklo_epi16(v, v), hi = _mm256_unpackhi_epi16(v, v);
+          std::int32_t* dst = vw.a[q][k] + i / 2;
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(lo, hi, 0x20));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+        }
+        vw.zs[q][k] = zs;
+      });
 }
 
 // Channels [c, c + 32) (one block, in group k) over the rows of a chunk: acc[q][c ..] +=
@@ -1516,9 +1548,7 @@ KVC_CODE_INLINE void value_block(const value_weights& vw, const std::uint8_t* at
     __m256i lo[Q], hi[Q];
     KVC_CODE_UNROLL
     for (int q = 0; q < Q; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
-    for (int tp = p0; tp < p1; ++tp) {
-      const std::uint8_t* r0 = at + static_cast<std::size_t>(2 * tp) * stride;
-      const std::uint8_t* r1 = 2 * tp + 1 < T ? r0 + stride : r0;  // weight 0 past T
+    const auto pair = [&](int tp, const std::uint8_t* r0, const std::uint8_t* r1) noexcept KVC_CODE_LAMBDA_INLINE {
       const __m256i x0 = block_bytes_of<Bits>(r0), x1 = block_bytes_of<Bits>(r1);
       // Channels 0-7 and 16-23 (lo), 8-15 and 24-31 (hi), each as (row t, row t + 1) bytes.
       const __m256i l = _mm256_unpacklo_epi8(x0, x1), h = _mm256_unpackhi_epi8(x0, x1);
@@ -1528,7 +1558,14 @@ KVC_CODE_INLINE void value_block(const value_weights& vw, const std::uint8_t* at
         lo[q] = _mm256_add_epi16(lo[q], _mm256_maddubs_epi16(l, w));
         hi[q] = _mm256_add_epi16(hi[q], _mm256_maddubs_epi16(h, w));
       }
-    }
+      KVC_CODE_UNROLL
+      for (int q = 0; q < Q; ++q) avx2i::in_reg(lo[q], hi[q]);  // as in avx2i::value_unit
+    };
+    const int whole = p1 < T / 2 ? p1 : T / 2;  // pairs of two rows below T
+    const std::uint8_t* r = at + static_cast<std::size_t>(2 * p0) * stride;
+    int tp = p0;
+    for (; tp < whole; ++tp, r += 2 * stride) pair(tp, r, r + stride);
+    if (tp < p1) pair(tp, r, r);  // weight 0 past T
     KVC_CODE_UNROLL
     for (int q = 0; q < Q; ++q) {
       const __m256i part[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo[q])),
@@ -1552,9 +1589,9 @@ KVC_CODE_INLINE void value_block(const value_weights& vw, const std::uint8_t* at
   }
 }
 
-template <int Bits, int Q>
-inline void value_blocks(const value_weights& vw, const std::uint8_t* rows, std::size_t stride, int T, int d, int group,
-                         float* acc) noexcept {
+template <int Bits, int Q>  // out of line as value_units
+KVC_CODE_OUTLINE void value_blocks(const value_weights& vw, const std::uint8_t* rows, std::size_t stride, int T, int d,
+                                   int group, float* acc) noexcept {
   const std::size_t ds = static_cast<std::size_t>(d);
   for (int b = 0; b < d / 32; ++b)
     value_block<Bits, Q>(vw, rows + static_cast<std::size_t>(b) * block_bytes<Bits>, stride, T, 32 * b, 32 * b / group,
@@ -1728,4 +1765,5 @@ KVC_NAMESPACE_END
 
 #undef KVC_CODE_UNROLL
 #undef KVC_CODE_INLINE
+#undef KVC_CODE_OUTLINE
 #undef KVC_CODE_LAMBDA_INLINE
