@@ -411,6 +411,14 @@ TEST(CodeKernels, Int8MatchesReference) {
         }
 }
 
+// n packed rows of d codes, every one 2^bits - 1 (the largest).
+std::vector<std::uint8_t> full_scale_rows(int d, int n, int bits) {
+  const std::vector<std::uint8_t> r = pack_row(std::vector<int>(static_cast<std::size_t>(d), (1 << bits) - 1), bits);
+  std::vector<std::uint8_t> rows;
+  for (int t = 0; t < n; ++t) rows.insert(rows.end(), r.begin(), r.end());
+  return rows;
+}
+
 // No query rows or no code rows: nothing is read or written. No channels: the sums are 0.
 // The largest sums the integer kernels form: every code at 2^B - 1 against weights of one
 // sign and equal size (each rounds to the bound L, so d (2^B - 1) L is the int32 sum), d = 256
@@ -419,12 +427,7 @@ TEST(CodeKernels, Int8MatchesReference) {
 TEST(CodeKernels, FullScaleSumsDoNotOverflow) {
   for (int d : {256, 128, 32}) {
     const int n = 64;
-    std::vector<int> top(static_cast<std::size_t>(d), 255);
-    std::vector<std::uint8_t> rows;
-    for (int t = 0; t < n; ++t) {
-      const std::vector<std::uint8_t> r = pack_row(top, 8);
-      rows.insert(rows.end(), r.begin(), r.end());
-    }
+    const std::vector<std::uint8_t> rows = full_scale_rows(d, n, 8);
     for (float sign : {1.0f, -1.0f}) {
       std::vector<float> w(static_cast<std::size_t>(d), sign), out(static_cast<std::size_t>(n));
       kvc::detail::dot_code_rows<8>(w.data(), 1, rows.data(), static_cast<std::size_t>(d), n, d, out.data());
@@ -446,12 +449,7 @@ TEST(CodeKernels, FullScaleSumsDoNotOverflow) {
 TEST(CodeKernels, FullScaleByteSumsDoNotOverflow) {
   for (int d : {256, 128, 32}) {
     const int n = 64;
-    std::vector<int> top(static_cast<std::size_t>(d), 15);
-    std::vector<std::uint8_t> rows;
-    for (int t = 0; t < n; ++t) {
-      const std::vector<std::uint8_t> r = pack_row(top, 4);
-      rows.insert(rows.end(), r.begin(), r.end());
-    }
+    const std::vector<std::uint8_t> rows = full_scale_rows(d, n, 4);
     const std::size_t stride = packed_size(d, 4);
     for (float sign : {1.0f, -1.0f}) {
       std::vector<float> w(static_cast<std::size_t>(d), sign), out(static_cast<std::size_t>(n));

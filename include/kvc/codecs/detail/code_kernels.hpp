@@ -1106,6 +1106,17 @@ KVC_CODE_INLINE void in_fours(int nq, F&& f) noexcept {
     }
 }
 
+// f(tp, r0, r1) for the row pairs tp in [p0, p1) of a chunk of T rows at `at`: rows 2 tp and
+// 2 tp + 1, or row 2 tp twice for an odd last row (whose partner the caller weights 0).
+template <class F>
+KVC_CODE_INLINE void for_row_pairs(const std::uint8_t* at, std::size_t stride, int T, int p0, int p1, F&& f) noexcept {
+  const int whole = p1 < T / 2 ? p1 : T / 2;  // pairs of two rows below T
+  const std::uint8_t* r = at + static_cast<std::size_t>(2 * p0) * stride;
+  int tp = p0;
+  for (; tp < whole; ++tp, r += 2 * stride) f(tp, r, r + stride);
+  if (tp < p1) f(tp, r, r);
+}
+
 // out[q ns + t] = alpha[q] (the sum of the eight int32 lanes of part[q][t]) for q < Q and
 // t < T <= 8: the key sums of eight rows, reduced together.
 template <int Q>
@@ -1218,7 +1229,6 @@ struct value_weights {
 template <int Bits, int Q, int J>
 KVC_CODE_INLINE void value_unit(const value_weights& vw, const std::uint8_t* at, std::size_t stride, int T, int c,
                                 int k, float* acc, std::size_t ds) noexcept {
-  const int pairs = (T + 1) / 2;
   __m256i lo[Q], hi[Q];
   KVC_CODE_UNROLL
   for (int q = 0; q < Q; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
@@ -1236,10 +1246,7 @@ KVC_CODE_INLINE void value_unit(const value_weights& vw, const std::uint8_t* at,
     KVC_CODE_UNROLL
     for (int q = 0; q < Q; ++q) in_reg(lo[q], hi[q]);
   };
-  const int full = T / 2;  // pairs of two rows below T
-  const std::uint8_t* r = at;
-  for (int tp = 0; tp < full; ++tp, r += 2 * stride) pair(tp, r, r + stride);
-  if (full < pairs) pair(full, r, r);  // weight 0 past T
+  for_row_pairs(at, stride, T, 0, (T + 1) / 2, pair);  // vw.a is 0 past T
   KVC_CODE_UNROLL
   for (int q = 0; q < Q; ++q) {
     // lo holds lanes 0-3 and 8-11 of the unit, hi lanes 4-7 and 12-15.
@@ -1561,11 +1568,7 @@ KVC_CODE_INLINE void value_block(const value_weights& vw, const std::uint8_t* at
       KVC_CODE_UNROLL
       for (int q = 0; q < Q; ++q) avx2i::in_reg(lo[q], hi[q]);  // as in avx2i::value_unit
     };
-    const int whole = p1 < T / 2 ? p1 : T / 2;  // pairs of two rows below T
-    const std::uint8_t* r = at + static_cast<std::size_t>(2 * p0) * stride;
-    int tp = p0;
-    for (; tp < whole; ++tp, r += 2 * stride) pair(tp, r, r + stride);
-    if (tp < p1) pair(tp, r, r);  // weight 0 past T
+    avx2i::for_row_pairs(at, stride, T, p0, p1, pair);  // vw.a is 0 past T
     KVC_CODE_UNROLL
     for (int q = 0; q < Q; ++q) {
       const __m256i part[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo[q])),
