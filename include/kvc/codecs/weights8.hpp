@@ -24,7 +24,8 @@
 // keys and values (tests/test_quantized.cpp), this moves attention outputs by 0.02 to 0.04
 // relative to attention over the decoded rows, which adds 4.5% to kivi<4>'s attention error
 // against unquantized keys and values (0.095 -> 0.099) and 0.2% to kivi<2>'s (0.47). The
-// kernels take about half the time of Base's: bench/README.md, "Quantized attend".
+// kernels take 0.5x to 1.0x the time of Base's (the keys about 0.6x): bench/README.md,
+// "Quantized attend".
 #pragma once
 
 #include <cstddef>
