@@ -562,6 +562,7 @@ BENCHMARK_TEMPLATE(BM_attend, kvc::codec::int8)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<8>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<4>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<2>)->Apply(quantized_attend_args);
+BENCHMARK_TEMPLATE(BM_attend, kvc::codec::kivi<2, 32, kvc::codec::rotation::none, 3>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::weights8<kvc::codec::kivi<4>>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::weights8<kvc::codec::kivi<2>>)->Apply(quantized_attend_args);
 BENCHMARK_TEMPLATE(BM_attend, kvc::codec::gear<kvc::codec::kivi<4>>)->Apply(quantized_attend_args);
@@ -585,6 +586,7 @@ BENCHMARK_TEMPLATE(BM_compress, kvc::codec::bf16)->Apply(compress_args);
 BENCHMARK_TEMPLATE(BM_compress, kvc::codec::int8)->Apply(compress_args);
 BENCHMARK_TEMPLATE(BM_compress, kvc::codec::kivi<4>)->Apply(compress_args);
 BENCHMARK_TEMPLATE(BM_compress, kvc::codec::kivi<2>)->Apply(compress_args);
+BENCHMARK_TEMPLATE(BM_compress, kvc::codec::kivi<2, 32, kvc::codec::rotation::none, 3>)->Apply(compress_args);
 BENCHMARK_TEMPLATE(BM_compress, kvc::codec::gear<kvc::codec::kivi<2>>)->Apply(compress_args);
 
 }  // namespace

@@ -34,7 +34,9 @@ using codec_pairs =
                      pair<kvc::codec::kivi<3, 128, rotation::hadamard>, kvc::codec::kivi<3, 128>>,
                      pair<kvc::codec::int8, kvc::codec::int8>,
                      pair<kvc::codec::kivi_token<2, 32, rotation::hadamard>, kvc::codec::kivi_token<4>>,
-                     pair<kvc::codec::weights8<kvc::codec::kivi<2>>, kvc::codec::weights8<kvc::codec::kivi<4>>>>;
+                     pair<kvc::codec::weights8<kvc::codec::kivi<2>>, kvc::codec::weights8<kvc::codec::kivi<4>>>,
+                     pair<kvc::codec::kivi<2, 32, rotation::none, 3>, kvc::codec::kivi<4>>,
+                     pair<kvc::codec::kivi<4, 32, rotation::hadamard, 2>, kvc::codec::kivi<4>>>;
 
 template <class T>
 class QuantizedCache : public ::testing::Test {};
@@ -65,6 +67,12 @@ TEST(QuantizedCodecs, PageBytesAreTheDocumentedFormulas) {
   // Tails: head_dim 80, 2 bits: 20 code bytes a row; channel parameters padded to 8 bytes.
   EXPECT_EQ(kivi_channel<2>::page_bytes(16, 80), align8(320) + 16 * 20);
   EXPECT_EQ(kivi_token<2>::page_bytes(5, 80), align8(5 * 20) + 4 * 5 * 3);
+  // Grids G > 1: G grids of 4d bytes and the first rows of grids 1 .. G - 1 (2 bytes each),
+  // padded to 8. head_dim 128, 64 tokens: 3 x 512 + 4 = 1540 -> 1544, and 2 x 512 + 2 = 1026
+  // -> 1032, before the 2048 code bytes of 2 bits: 56.125 and 48.125 bytes a token.
+  EXPECT_EQ((kivi_channel<2, rotation::none, 3>::page_bytes(64, 128)), 1544u + 2048);
+  EXPECT_EQ((kivi_channel<2, rotation::none, 2>::page_bytes(64, 128)), 1032u + 2048);
+  EXPECT_EQ((kivi_channel<4, rotation::hadamard, 4>::page_bytes(16, 64)), align8(4 * 256 + 6) + 16 * 32);
 }
 
 // stats() counts pages at their layout's bytes: the key and value payloads as above, each
@@ -238,17 +246,21 @@ TYPED_TEST(QuantizedCache, EvictionMovesRowsWithoutRequantizing) {
 
 // Repeated evictions (10 rounds of 10%) against one eviction of the same final set: the
 // attention error stays within 1.1x. Codecs whose rows move as bytes give the same error;
-// channel-quantized keys re-encode the pages that change, keeping a source page's grid
-// where that costs least (kivi_channel::reencode), so a key moved again on the same grid
-// gains no error. The ratios are printed.
+// channel-quantized keys re-encode the pages that change, keeping the grids of the pages
+// their rows came from where that costs least (kivi_channel::reencode), so a key moved again
+// on the same grid gains no error. The ratios are printed.
 //
-// Channel-quantized keys do not reach 1.1x: compaction packs pages densely, so a round that
-// evicts a tenth refills nearly every page from two source pages, and whichever grid a
+// With three grids a page (kivi<B, G, R, 3>) the runs of rows that a round of 10% brings
+// together nearly always fit, and keys keep their codes: measured 1.011 (2-bit keys with
+// 4-bit values), and 1.005, 1.001, 1.010, 1.002 for 2, 4, 8 and 3-bit Hadamard keys. With
+// one grid (the default) they do not reach 1.1x: compaction packs pages densely, so a round
+// that evicts a tenth refills nearly every page from two source pages, and whichever grid a
 // channel keeps, the rows from the other page are quantized again (about 3 times per key over
 // ten rounds against 0.7 in one). Measured 1.07 (2-bit), 1.13 (4-bit), 1.13 (8-bit), 1.24
 // (2-bit keys with 4-bit values), 1.07 (3-bit, Hadamard); a fresh min-max grid for every
-// re-encoded page gave 1.19, 1.32, 1.38, 1.46 and 1.16. For them the test holds the measured
-// level (at most 1.3x), so that a change that loses the grid choice fails here.
+// re-encoded page gave 1.19, 1.32, 1.38, 1.46 and 1.16. Two grids: 1.03, 1.02, 1.08, 1.105
+// (2-bit keys, 4-bit values). For one and two grids the test holds the measured level (at
+// most 1.3x), so that a change that loses the grid choice fails here.
 TYPED_TEST(QuantizedCache, RepeatedEvictionsAgainstOneRound) {
   using K = kvc::detail::key_role_t<typename TypeParam::key>;
   using cache_t = kvc::paged_kv_cache<typename TypeParam::key, typename TypeParam::value>;
@@ -283,7 +295,7 @@ TYPED_TEST(QuantizedCache, RepeatedEvictionsAgainstOneRound) {
   }
   std::printf("%s: attention error after 10 rounds of 10%% / one round: %.4f / %.4f = %.3f\n", K::name, e_many, e_one,
               e_many / e_one);
-  EXPECT_LE(e_many, (kvc::detail::token_granular_v<K> ? 1.1 : 1.3) * e_one) << K::name;
+  EXPECT_LE(e_many, (kvc::detail::token_granular_v<K> || grids_of<K>() >= 3 ? 1.1 : 1.3) * e_one) << K::name;
 }
 
 // Compaction that moves every kept row of a page as a block, without mixing pages, changes no
@@ -523,6 +535,111 @@ TEST(QuantizedCodecs, ReencodingAMixedPageTakesTheLeastErrorGridPerChannel) {
   reencode_mixed_page<3>();
   reencode_mixed_page<4>();
   reencode_mixed_page<8>();
+}
+
+// A page of a codec with Grids > 1 filled from three runs of rows: 6 rows of page A, 4 of
+// page B (a copy of A, so its grid has A's bits) and 6 of page C, whose channels sit near 40.
+// With two grids the runs are joined two by two, the pair whose joining adds the least
+// squared error first (kivi_channel::reencode): joining A's and B's runs adds nothing (B's
+// rows are quantized on a grid with A's bits, so they keep their codes), joining either with
+// C's re-quantizes a whole run. So in the order A, B, C the page holds A's grid for rows
+// [0, 10) and C's for [10, 16); in the order C, A, B, C's grid for [0, 6) and A's for
+// [6, 16), though the first pair is C and A. With three grids nothing is joined. Either way
+// every row keeps the codes it had, so it decodes exactly as in its source page.
+template <int Grids>
+void reencode_runs_into_grids(bool c_first) {
+  using K = kvc::codec::kivi_channel<4, rotation::none, Grids>;
+  SCOPED_TRACE(std::string(K::name) + (c_first ? ", C first" : ", A first"));
+  const int d = 64, P = 16;
+  const channel_page<K> a(gaussian_rows(P, d, std::vector<float>(d, 0.0f), std::vector<float>(d, 1.0f), 111), P, d);
+  const channel_page<K> b = a;
+  const channel_page<K> c(gaussian_rows(P, d, std::vector<float>(d, 40.0f), std::vector<float>(d, 1.0f), 112), P, d);
+  std::vector<std::pair<const channel_page<K>*, int>> from;
+  for (int r = 0; r < 6 && c_first; ++r) from.push_back({&c, r});
+  for (int r = 0; r < 6; ++r) from.push_back({&a, r});
+  for (int r = 8; r < 12; ++r) from.push_back({&b, r});
+  for (int r = 0; r < 6 && !c_first; ++r) from.push_back({&c, r});
+  std::vector<float> rows;
+  std::vector<kvc::detail::row_origin> origin;
+  for (const auto& [p, r] : from) {
+    const std::vector<float> x = p->decoded(r);
+    rows.insert(rows.end(), x.begin(), x.end());
+    origin.push_back({p == &a ? 0 : p == &b ? 1 : 2, r});
+  }
+  const std::byte* sources[] = {a.bytes.data(), b.bytes.data(), c.bytes.data()};
+  std::vector<std::byte> page(K::page_bytes(P, d));
+  K::reencode(rows.data(), P, d, P, sources, 3, origin.data(), page.data());
+
+  // The grids and their first rows.
+  const std::vector<int> first = Grids == 2 ? (c_first ? std::vector<int>{0, 6} : std::vector<int>{0, 10})
+                                            : (c_first ? std::vector<int>{0, 6, 12} : std::vector<int>{0, 6, 10});
+  const std::vector<const channel_page<K>*> grid =
+      Grids == 2 ? (c_first ? std::vector<const channel_page<K>*>{&c, &a} : std::vector<const channel_page<K>*>{&a, &c})
+                 : (c_first ? std::vector<const channel_page<K>*>{&c, &a, &b}
+                            : std::vector<const channel_page<K>*>{&a, &b, &c});
+  for (int k = 0; k < Grids; ++k) {
+    EXPECT_EQ(K::grid_first(page.data(), d, P, k), first[static_cast<std::size_t>(k)]) << "grid " << k;
+    for (int ch = 0; ch < d; ++ch) {
+      EXPECT_EQ(K::grid_scales(page.data(), d, k)[ch], grid[static_cast<std::size_t>(k)]->scale(ch)) << "grid " << k;
+      EXPECT_EQ(K::grid_zeros(page.data(), d, k)[ch], grid[static_cast<std::size_t>(k)]->zero(ch)) << "grid " << k;
+    }
+  }
+  EXPECT_EQ(K::grid_first(page.data(), d, P, Grids), P);
+  std::vector<float> out(static_cast<std::size_t>(P) * d);
+  K::decode(page.data(), 0, P, d, P, out.data());
+  for (int i = 0; i < P; ++i) {
+    const auto& [p, r] = from[static_cast<std::size_t>(i)];
+    const std::vector<float> want = p->decoded(r);
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), out.begin() + static_cast<std::ptrdiff_t>(i) * d)) << "row " << i;
+  }
+}
+
+TEST(QuantizedCodecs, ReencodingRunsIntoGridsJoinsTheCheapestNeighbours) {
+  reencode_runs_into_grids<2>(false);
+  reencode_runs_into_grids<2>(true);
+  reencode_runs_into_grids<3>(false);
+  reencode_runs_into_grids<3>(true);
+}
+
+// Through the cache: four sealed pages of 16 tokens and 6 open ones. Dropping 3 rows of page
+// 0 refills every page from two: page 0 keeps 13 of its rows and takes 3 of page 1, page 1
+// 13 of its own and 3 of page 2, and so on. With two grids a page each run keeps its grid
+// and every key its codes, bit for bit. A second round (3 more rows of page 0) refills page 0
+// from three runs: its own rows, the 3 it holds on page 1's grid and 3 more of page 1, whose
+// grids have the same bits, so joining them costs nothing and again no key changes. With one
+// grid (the default) the same rounds quantize some keys again.
+template <class Codec>
+int keys_changed_by_two_rounds() {
+  using cache_t = kvc::paged_kv_cache<Codec>;
+  const int d = 64, P = 16;
+  const tokens t(70, d, 83);
+  cache_t cache = policy_test::make_cache<cache_t>(config(d, P));
+  const kvc::seq_id s = cache.create_sequence();
+  EXPECT_TRUE(cache.append(s, 0, t.k.data(), t.v.data(), t.pos.data(), t.n).ok());
+  std::vector<kvc::row_matrix> keys;
+  for (int h = 0; h < kv_heads; ++h) keys.push_back(cache.view(s, 0, h)->keys());
+  int changed = 0;
+  for (const std::vector<std::int32_t>& dropped : {std::vector<std::int32_t>{2, 7, 11}, {0, 5, 9}}) {
+    const auto keep = [&dropped](int, int, std::int32_t p) {
+      return std::find(dropped.begin(), dropped.end(), p) == dropped.end();
+    };
+    EXPECT_TRUE(cache.compress(s, policy_test::keep_if{keep, nullptr}).ok());
+    for (int h = 0; h < kv_heads; ++h) {
+      auto view = cache.view(s, 0, h);
+      const std::vector<std::int32_t> kept = view->positions();
+      const kvc::row_matrix k = view->keys();
+      for (std::size_t i = 0; i < kept.size(); ++i)
+        changed += k.row(static_cast<long>(i)) != keys[static_cast<std::size_t>(h)].row(kept[i]);
+    }
+  }
+  return changed;
+}
+
+TEST(QuantizedCache, TwoGridsKeepEveryKeyWhenEachPageTakesTwoRuns) {
+  using namespace kvc::codec;
+  EXPECT_EQ((keys_changed_by_two_rounds<kivi<4, 32, rotation::none, 2>>()), 0);
+  EXPECT_EQ((keys_changed_by_two_rounds<kivi<2, 32, rotation::hadamard, 2>>()), 0);
+  EXPECT_GT(keys_changed_by_two_rounds<kivi<4>>(), 0);
 }
 
 // ---------------------------------------------------------------- bad input

@@ -26,7 +26,8 @@
 //        reads the rows in place (converting in registers) instead of calling rows_f32
 //   fused = true, with                attend() computes from the page's codes directly:
 //        prepare_queries(page, head_dim, page_tokens, q, nq, w, bias)   once per page for nq <= 8
-//                                       query rows q[g] (w [nq][head_dim], bias [nq][bias_floats(head_dim)])
+//                                       query rows q[g] (w [nq][head_dim], bias nq bias_floats(head_dim)
+//                                       floats, laid out as the codec chooses)
 //        key_logits(page, first, T, head_dim, page_tokens, w, bias, nq, out)
 //                                       out[g * T + t] = q_g . k~_{first + t}, T <= 64
 //        accumulate_values(page, first, T, head_dim, page_tokens, p, nq, acc)

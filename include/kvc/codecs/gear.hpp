@@ -180,7 +180,7 @@ struct page_codec {
   static void copy_rows(const std::byte*, int, std::byte*, int, int, int, int) noexcept {}
 
   // ---------------------------------------------------------------- fused attention
-  // Present when Base has the member. bias: Base's [nq][Base::bias_floats(d)], then per
+  // Present when Base has the member. bias: Base's nq Base::bias_floats(d) floats, then per
   // query row the raw query [d] and B^T q [r].
 
   template <class B = Base>

@@ -1,10 +1,14 @@
 // kvc/codecs/quantized.hpp: low-bit page codecs (KIVI, Liu et al., "KIVI: A Tuning-Free
 // Asymmetric 2bit Quantization for KV Cache", ICML 2024, Sec. 3-4) and symmetric int8.
 //
-//   codec::kivi_channel<Bits>        keys: each channel quantized over the tokens of a sealed
-//                                    page (the page is KIVI's group along tokens)
+//   codec::kivi_channel<Bits, R, Grids>
+//                                    keys: each channel quantized over the tokens of a sealed
+//                                    page (the page is KIVI's group along tokens); Grids > 1
+//                                    lets a page compaction refilled keep up to Grids grids,
+//                                    one per run of rows (see Eviction)
 //   codec::kivi_token<Bits, Group>   values: each token quantized in groups of Group channels
-//   codec::kivi<Bits, Group>         the pair, for paged_kv_cache<kivi<2>> (keys per channel,
+//   codec::kivi<Bits, Group, R, Grids>
+//                                    the pair, for paged_kv_cache<kivi<2>> (keys per channel,
 //                                    values per token); key and value widths may differ:
 //                                    paged_kv_cache<kivi<2>, kivi<4>> takes the keys of the
 //                                    first and the values of the second
@@ -24,10 +28,14 @@
 //
 // Bytes per token per head, head_dim d, page_tokens P (stats() counts exactly these):
 //   kivi_channel<B>:  d B / 8 codes + 4 d / P (binary16 scale and zero per channel per page)
+//   kivi_channel<B, R, G>: d B / 8 + (4 d G + 2 (G - 1), padded to 8) / P (G grids, and the
+//                     first row of each grid after the first)
 //   kivi_token<B, G>: d B / 8 codes + 4 ceil(d / G) (binary16 scale and zero per group)
 //   int8:             d codes + 4 (float scale)
-// e.g. d = 128, P = 64: kivi_channel<2> 40, <4> 72; kivi_token<2, 32> 48, <4, 32> 80; int8 132
-// (f16: 256). The page payload is rounded up to 64 bytes in the page layout.
+// e.g. d = 128, P = 64: kivi_channel<2> 40, <4> 72 (three grids: 56.125, 88.125; two:
+// 48.125, 80.125); kivi_token<2, 32> 48, <4, 32> 80; int8 132 (f16: 256). The page payload is
+// rounded up to 64 bytes in the page layout. Grids cost 4 d / P bytes a token each: 8 at
+// P = 64, 32 at P = 16, so they suit large pages.
 //
 // Attention reads the codes in place (fused, no dequantized copy): the cache calls
 // prepare_queries once per page and run of query rows, key_logits and accumulate_values per
@@ -48,15 +56,25 @@
 // Eviction. kivi_token and int8 rows carry their own parameters and move between pages as
 // bytes: no added error. kivi_channel keys share their page's parameters, so compaction
 // re-encodes each page whose rows change (kivi_channel::reencode, with the pages the rows
-// came from): channel by channel the page keeps the grid (scale, zero) of one of those pages,
-// or takes the min-max grid of its rows, whichever gives the least squared error over them.
-// Rows quantized on the grid kept keep their codes bit for bit; the others are quantized once
-// more (error within s / 2 of the new grid, or their clamping error). A page filled from one
-// page keeps its grid and codes. A page that mixes the rows of pages with different grids
-// still adds error, a key being quantized again whenever it lands in a page that keeps
-// another page's grid: 10 rounds evicting 10% each end with 1.07x (kivi<2>) to 1.24x (kivi<2>
-// keys, kivi<4> values) the attention error of one round evicting the same tokens
-// (tests/test_quantized.cpp; 1.16x to 1.46x when every changed page took a fresh min-max grid).
+// came from). Compaction keeps pages dense and in position order, so a page is refilled
+// from runs of rows, each run quantized on one grid of the page it came from. With Grids > 1
+// each run keeps its own grid while the runs number at most Grids; beyond that the
+// neighbouring runs whose joining adds the least squared error are joined first. Then, for
+// each grid and channel by channel, the page keeps the grid (scale, zero) that one of the
+// runs was quantized on, or takes the min-max grid of the rows, whichever gives the least
+// squared error over them. Rows quantized on the grid kept keep their codes bit for bit; the
+// others are quantized once more (error within s / 2 of the new grid, or their clamping
+// error). A page filled from one page keeps its grid and codes. With one grid, a page that
+// mixes the rows of pages with different grids still adds error, a key being quantized
+// again whenever it lands in a page that keeps another page's grid: 10 rounds evicting 10%
+// each end with 1.07x (kivi<2>) to 1.24x (kivi<2> keys, kivi<4> values) the attention error
+// of one round evicting the same tokens (1.16x to 1.46x when every changed page took a fresh
+// min-max grid). A round evicting a tenth refills a page from two or three runs, so with
+// three grids nearly every key keeps its codes: 1.001x to 1.011x, and one round's error
+// itself falls (by 18% for kivi<2> keys with kivi<4> values, against one grid); two
+// grids give 1.02x to 1.105x (tests/test_quantized.cpp). Grids cost bytes (above) and
+// compaction time (1.04x to 1.36x one grid's, bench/README.md); attention reads a page's
+// grids only when it has more than one, and a chunk of rows that crosses grids in two parts.
 #pragma once
 
 #include <cmath>
@@ -68,6 +86,7 @@
 #include "kvc/codecs/codec.hpp"
 #include "kvc/codecs/detail/code_kernels.hpp"
 #include "kvc/codecs/detail/quant.hpp"
+#include "kvc/config.hpp"
 #include "kvc/detail/attention.hpp"
 #include "kvc/detail/half.hpp"
 #include "kvc/version.hpp"
@@ -138,6 +157,35 @@ constexpr const char* by_bits(const char* b2, const char* b3, const char* b4, co
   return Bits == 2 ? b2 : Bits == 3 ? b3 : Bits == 4 ? b4 : b8;
 }
 
+// head, then "+grids" and the count when grids > 1 (N = length(head) + 8).
+template <std::size_t N>
+constexpr text<N> with_grids(const char* head, int grids) noexcept {
+  text<N> t{};
+  std::size_t i = 0;
+  for (std::size_t j = 0; head[j] != '\0'; ++j) t.c[i++] = head[j];
+  if (grids > 1) {
+    for (const char* p = "+grids"; *p != '\0'; ++p) t.c[i++] = *p;
+    t.c[i++] = static_cast<char>('0' + grids);
+  }
+  t.c[i] = '\0';
+  return t;
+}
+
+// The names of kivi_channel<Bits, R, Grids> and kivi<Bits, Group, R, Grids>.
+template <int Bits, bool Hadamard, int Grids>
+struct channel_name {
+  static constexpr const char* head =
+      Hadamard ? by_bits<Bits>("kivi_channel<2>+hadamard", "kivi_channel<3>+hadamard", "kivi_channel<4>+hadamard",
+                               "kivi_channel<8>+hadamard")
+               : by_bits<Bits>("kivi_channel<2>", "kivi_channel<3>", "kivi_channel<4>", "kivi_channel<8>");
+  static constexpr text<length(head) + 8> value = with_grids<length(head) + 8>(head, Grids);
+};
+template <int Bits, int Grids>
+struct pair_name {
+  static constexpr const char* head = by_bits<Bits>("kivi<2>", "kivi<3>", "kivi<4>", "kivi<8>");
+  static constexpr text<length(head) + 8> value = with_grids<length(head) + 8>(head, Grids);
+};
+
 }  // namespace qcodec
 }  // namespace detail
 
@@ -145,28 +193,42 @@ namespace codec {
 
 // ---------------------------------------------------------------- kivi_channel
 
-// KIVI keys: channel c of a sealed page's n tokens has one scale and zero, [scale f16 d]
-// [zero f16 d] then the packed code rows [P][packed_bytes(d, B)].
-template <int Bits, rotation R = rotation::none>
-struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
+// KIVI keys: channel c of a sealed page's rows has one scale and zero per grid. With one grid
+// (the default): [scale f16 d] [zero f16 d], then the packed code rows [P][packed_bytes(d, B)].
+// With Grids > 1 the rows of a page are up to Grids runs, run k quantized on grid k:
+// [scale f16 d] [zero f16 d] for each grid, then the first row of grids 1 .. Grids - 1
+// (uint16 [Grids - 1]; grid k holds rows [first_k, first_k+1), first_0 = 0, first_Grids = P,
+// an unused grid is empty), padded to 8 bytes, then the code rows. Sealing writes one grid;
+// only compaction (reencode) fills the others.
+template <int Bits, rotation R = rotation::none, int Grids = 1>
+struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R, Grids>> {
   static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kivi_channel: Bits must be 2, 3, 4 or 8");
-  static constexpr const char* name =
-      R == rotation::none
-          ? detail::qcodec::by_bits<Bits>("kivi_channel<2>", "kivi_channel<3>", "kivi_channel<4>", "kivi_channel<8>")
-          : detail::qcodec::by_bits<Bits>("kivi_channel<2>+hadamard", "kivi_channel<3>+hadamard",
-                                          "kivi_channel<4>+hadamard", "kivi_channel<8>+hadamard");
+  static_assert(Grids >= 1 && Grids <= 4, "kivi_channel: Grids must be 1, 2, 3 or 4");
+  static constexpr const char* name = detail::qcodec::channel_name<Bits, R == rotation::hadamard, Grids>::value.c;
   static constexpr int bits = Bits;
+  static constexpr int grids = Grids;
   static constexpr rotation rotate = R;
   static constexpr bool token_granular = false;  // a page's rows share its channel parameters
   static constexpr double range_error = 0.5 / ((1 << Bits) - 1);
   static constexpr float max_abs = 65504.0f;
 
   static constexpr std::size_t row_bytes(int d) noexcept { return detail::packed_bytes(d, Bits); }
+  static constexpr std::size_t grid_bytes(int d) noexcept { return 4 * static_cast<std::size_t>(d); }
   static constexpr std::size_t codes_offset(int d) noexcept {
-    return detail::qcodec::align8(4 * static_cast<std::size_t>(d));
+    return detail::qcodec::align8(Grids * grid_bytes(d) + 2 * static_cast<std::size_t>(Grids - 1));
   }
   static constexpr std::size_t page_bytes(int page_tokens, int d) noexcept {
     return codes_offset(d) + static_cast<std::size_t>(page_tokens) * row_bytes(d);
+  }
+  // Grid k's scales and zero points (binary16 bits, [d] each); scales(page), zeros(page, d): grid 0's.
+  static const std::uint16_t* grid_scales(const std::byte* page, int d, int k) noexcept {
+    return reinterpret_cast<const std::uint16_t*>(page + static_cast<std::size_t>(k) * grid_bytes(d));
+  }
+  static std::uint16_t* grid_scales(std::byte* page, int d, int k) noexcept {
+    return reinterpret_cast<std::uint16_t*>(page + static_cast<std::size_t>(k) * grid_bytes(d));
+  }
+  static const std::uint16_t* grid_zeros(const std::byte* page, int d, int k) noexcept {
+    return grid_scales(page, d, k) + d;
   }
   static const std::uint16_t* scales(const std::byte* page) noexcept {
     return reinterpret_cast<const std::uint16_t*>(page);
@@ -177,9 +239,23 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
   static const std::uint8_t* codes(const std::byte* page, int d) noexcept {
     return reinterpret_cast<const std::uint8_t*>(page + codes_offset(d));
   }
+  // The first row of grid k, k in [0, Grids]: 0 for k = 0, page_tokens for k = Grids.
+  static int grid_first(const std::byte* page, int d, int page_tokens, int k) noexcept {
+    if (k <= 0) return 0;
+    if (k >= Grids) return page_tokens;
+    std::uint16_t f;
+    std::memcpy(&f, page + Grids * grid_bytes(d) + 2 * static_cast<std::size_t>(k - 1), sizeof f);
+    return f;
+  }
+  // The grid that row `row` of a page is quantized on.
+  static int grid_of(const std::byte* page, int d, int page_tokens, int row) noexcept {
+    int k = 0;
+    while (k + 1 < Grids && grid_first(page, d, page_tokens, k + 1) <= row) ++k;
+    return k;
+  }
 
-  // Rows [0, n) of a page from float [n][d]: parameters over those n rows.
-  static void encode(const float* src, int n, int d, int /*page_tokens*/, std::byte* page) noexcept {
+  // Rows [0, n) of a page from float [n][d]: parameters over those n rows, in grid 0.
+  static void encode(const float* src, int n, int d, int page_tokens, std::byte* page) noexcept {
     std::uint16_t* scale = scales(page);
     std::uint16_t* zero = zeros(page, d);
     std::uint8_t* out = reinterpret_cast<std::uint8_t*>(page + codes_offset(d));
@@ -210,23 +286,34 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
         detail::quantize_rows_per_channel_fixed(x, t, 1, d, Bits, scale, zero, out);
       }
     }
+    set_unused_grids(page, d, page_tokens, 1);
   }
-  static void decode(const std::byte* page, int first, int n, int d, int /*page_tokens*/, float* dst) noexcept {
-    detail::dequantize_rows_per_channel(codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d), n, d, Bits,
-                                        scales(page), zeros(page, d), dst);
+  static void decode(const std::byte* page, int first, int n, int d, int page_tokens, float* dst) noexcept {
+    for (int k = 0; k < Grids; ++k) {
+      const int lo = grid_first(page, d, page_tokens, k), hi = grid_first(page, d, page_tokens, k + 1);
+      const int a = first > lo ? first : lo, b = first + n < hi ? first + n : hi;
+      if (a < b)
+        detail::dequantize_rows_per_channel(codes(page, d) + static_cast<std::size_t>(a) * row_bytes(d), b - a, d, Bits,
+                                            grid_scales(page, d, k), grid_zeros(page, d, k),
+                                            dst + static_cast<std::size_t>(a - first) * d);
+    }
     detail::qcodec::unrotate_rows<R>(dst, n, d);
   }
   // Not token granular: the cache re-encodes pages whose rows change (see paged_kv_cache).
   static void copy_rows(const std::byte*, int, std::byte*, int, int, int, int) noexcept {}
 
   // Compaction's encode (codec.hpp): the n kept rows of a changed page, decoded, with the
-  // pages they came from. Channel by channel, the page takes whichever grid (scale, zero)
-  // gives the least squared error over its rows, among the grids of the source pages and the
-  // min-max grid of the rows; a row that was quantized on the chosen grid keeps its code
-  // (copied, bit for bit) and counts no error, the others are quantized once more against it,
-  // clamped codes counting their clamping error. So a page filled from one source keeps that
-  // source's grid and codes, and a row re-quantized once stays exact while its page keeps the
-  // grid: eviction in many small rounds does not quantize the same keys over and over.
+  // pages they came from. The rows fall into runs, each quantized on one grid of one source
+  // page. With Grids > 1, runs become the page's grids while there are at most Grids of them;
+  // beyond that, neighbouring runs are joined, the pair whose joining adds the least squared
+  // error first, until Grids remain. Then, for each grid and channel by channel, the page
+  // takes whichever grid (scale, zero) gives the least squared error over the grid's rows,
+  // among the grids those rows were quantized on and the min-max grid of the rows; a row that
+  // was quantized on the chosen grid keeps its code (copied, bit for bit) and counts no
+  // error, the others are quantized once more against it, clamped codes counting their
+  // clamping error. So a page filled from runs that fit its grids keeps every code, and a row
+  // re-quantized once stays exact while its run keeps the grid: eviction in many small rounds
+  // does not quantize the same keys over and over.
   static void reencode(float* rows, int n, int d, int page_tokens, const std::byte* const* sources, int n_sources,
                        const detail::row_origin* origin, std::byte* page) noexcept {
     if (n < 1) {
@@ -238,118 +325,257 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R>> {
     const int ns = n_sources < 0                              ? 0
                    : n_sources < detail::max_reencode_sources ? n_sources
                                                               : detail::max_reencode_sources;
-    // The choice is held here until the codes are written: a source may be `page` itself.
-    alignas(32) std::uint16_t scale[max_head_dim_rows], zero[max_head_dim_rows];
-    choose_grids(rows, n, d, sources, ns, origin, scale, zero);
-    alignas(32) float sf[max_head_dim_rows], zf[max_head_dim_rows];
-    detail::half_to_float(scale, sf, static_cast<std::size_t>(d));
-    detail::half_to_float(zero, zf, static_cast<std::size_t>(d));
-    // keep[o][c]: channel c took source o's grid, so o's rows keep their codes there.
-    bool keep[max_grids][max_head_dim_rows];
-    bool any[max_grids] = {};
-    for (int o = 0; o < ns; ++o)
-      for (int c = 0; c < d; ++c) {
-        keep[o][c] = scales(sources[o])[c] == scale[c] && zeros(sources[o], d)[c] == zero[c];
-        any[o] = any[o] || keep[o][c];
-      }
-    std::uint8_t from[max_head_dim_rows], code[max_head_dim_rows];
-    std::uint8_t* out = reinterpret_cast<std::uint8_t*>(page + codes_offset(d));
-    // Row by row upwards: a row of `page` itself is read before the slot it is in is written.
+    // from[r]: the grid row r was quantized on, o Grids + k for grid k of sources[o]; -1 for
+    // a row of a page not passed.
+    std::int8_t from[max_page_tokens];
     for (int r = 0; r < n; ++r) {
-      const int o = source_of(origin[r], ns);
-      detail::quantize_codes(rows + static_cast<std::size_t>(r) * d, d, sf, zf, Bits, code);
-      if (o >= 0 && any[o]) {
-        detail::unpack_codes(codes(sources[o], d) + static_cast<std::size_t>(origin[r].row) * row_bytes(d), d, Bits,
-                             from);
-        for (int c = 0; c < d; ++c) code[c] = keep[o][c] ? from[c] : code[c];
-      }
-      detail::pack_codes(code, d, Bits, out + static_cast<std::size_t>(r) * row_bytes(d));
+      const int o = origin[r].source;
+      from[r] = static_cast<std::int8_t>(
+          o >= 0 && o < ns ? o * Grids + grid_of(sources[o], d, page_tokens, origin[r].row) : -1);
     }
-    std::memcpy(scales(page), scale, sizeof(std::uint16_t) * static_cast<std::size_t>(d));
-    std::memcpy(zeros(page, d), zero, sizeof(std::uint16_t) * static_cast<std::size_t>(d));
+    // The runs, then (Grids > 1) joined to at most Grids parts: part p is rows
+    // [start[p], start[p + 1]).
+    int start[max_runs + 1], np = 0;
+    if (Grids == 1) {
+      start[np++] = 0;
+    } else {
+      for (int r = 0; r < n; ++r)
+        if ((r == 0 || from[r] != from[r - 1]) && np < max_runs) start[np++] = r;
+    }
+    start[np] = n;
+    if (np > Grids) join_runs(rows, d, sources, from, start, np);
+    // The choice is held here until the codes are written: a source may be `page` itself.
+    alignas(32) std::uint16_t scale[Grids][max_head_dim_rows], zero[Grids][max_head_dim_rows];
+    std::uint8_t* out = reinterpret_cast<std::uint8_t*>(page + codes_offset(d));
+    for (int p = 0; p < np; ++p) {
+      const int a = start[p], m = start[p + 1] - a;
+      const candidates cand(sources, d, from + a, m);
+      choose_grids(rows + static_cast<std::size_t>(a) * d, m, d, cand, from + a, scale[p], zero[p]);
+      alignas(32) float sf[max_head_dim_rows], zf[max_head_dim_rows];
+      detail::half_to_float(scale[p], sf, static_cast<std::size_t>(d));
+      detail::half_to_float(zero[p], zf, static_cast<std::size_t>(d));
+      // keep[j][c]: channel c took candidate j's grid, so j's rows keep their codes there.
+      bool keep[max_candidates][max_head_dim_rows];
+      bool any[max_candidates] = {};
+      for (int j = 0; j < cand.n; ++j)
+        for (int c = 0; c < d; ++c) {
+          keep[j][c] = cand.scale[j][c] == scale[p][c] && cand.zero[j][c] == zero[p][c];
+          any[j] = any[j] || keep[j][c];
+        }
+      std::uint8_t prior[max_head_dim_rows], code[max_head_dim_rows];
+      // Row by row upwards: a row of `page` itself is read before the slot it is in is written.
+      for (int r = a; r < a + m; ++r) {
+        const int j = cand.index(from[r]);
+        detail::quantize_codes(rows + static_cast<std::size_t>(r) * d, d, sf, zf, Bits, code);
+        if (j >= 0 && any[j]) {
+          detail::unpack_codes(
+              codes(sources[origin[r].source], d) + static_cast<std::size_t>(origin[r].row) * row_bytes(d), d, Bits,
+              prior);
+          for (int c = 0; c < d; ++c) code[c] = keep[j][c] ? prior[c] : code[c];
+        }
+        detail::pack_codes(code, d, Bits, out + static_cast<std::size_t>(r) * row_bytes(d));
+      }
+    }
+    for (int p = 0; p < np; ++p) {
+      std::memcpy(grid_scales(page, d, p), scale[p], sizeof(std::uint16_t) * static_cast<std::size_t>(d));
+      std::memcpy(grid_scales(page, d, p) + d, zero[p], sizeof(std::uint16_t) * static_cast<std::size_t>(d));
+      if (p > 0) set_first(page, d, p, start[p]);
+    }
+    set_unused_grids(page, d, page_tokens, np);
   }
 
-  // Fused attention. For each of the nq query rows q[g]: w[g] [d] = rotated q times each
-  // channel's scale, bias[g] = rotated q . zero (the page's parameters are widened once).
-  static void prepare_queries(const std::byte* page, int d, int /*page_tokens*/, const float* const* q, int nq,
-                              float* w, float* bias) noexcept {
-    alignas(32) float buf[max_head_dim_rows], sf[max_head_dim_rows], zf[max_head_dim_rows];
-    detail::half_to_float(scales(page), sf, static_cast<std::size_t>(d));
-    detail::half_to_float(zeros(page, d), zf, static_cast<std::size_t>(d));
-    for (int g = 0; g < nq; ++g) {
-      const float* x = detail::qcodec::rotated<R>(q[g], d, buf);
-      // Through a local copy, so that the compiler need not fear that w aliases x.
-      alignas(32) float wl[max_head_dim_rows];
-      for (int c = 0; c < d; ++c) wl[c] = x[c] * sf[c];
-      std::memcpy(w + static_cast<std::size_t>(g) * d, wl, sizeof(float) * static_cast<std::size_t>(d));
-      bias[g] = detail::dot(x, zf, d);
+  // Fused attention. For each of the nq query rows q[g] and each grid k the page uses: the
+  // rotated q times each channel's scale, and the rotated q . zero (the page's parameters are
+  // widened once). Grid 0's products go to w [nq][d]; bias holds the other grids' products
+  // ([Grids - 1][nq][d]) and then the dot products with the zeros ([nq][Grids]).
+  static void prepare_queries(const std::byte* page, int d, int page_tokens, const float* const* q, int nq, float* w,
+                              float* bias) noexcept {
+    for (int k = 0; k < Grids; ++k) {
+      if (k > 0 && grid_first(page, d, page_tokens, k) >= grid_first(page, d, page_tokens, k + 1)) continue;
+      alignas(32) float buf[max_head_dim_rows], sf[max_head_dim_rows], zf[max_head_dim_rows];
+      detail::half_to_float(grid_scales(page, d, k), sf, static_cast<std::size_t>(d));
+      detail::half_to_float(grid_zeros(page, d, k), zf, static_cast<std::size_t>(d));
+      float* wk = grid_weights(w, bias, nq, d, k);
+      for (int g = 0; g < nq; ++g) {
+        const float* x = detail::qcodec::rotated<R>(q[g], d, buf);
+        // Through a local copy, so that the compiler need not fear that w aliases x.
+        alignas(32) float wl[max_head_dim_rows];
+        for (int c = 0; c < d; ++c) wl[c] = x[c] * sf[c];
+        std::memcpy(wk + static_cast<std::size_t>(g) * d, wl, sizeof(float) * static_cast<std::size_t>(d));
+        grid_bias(bias, nq, d)[g * Grids + k] = detail::dot(x, zf, d);
+      }
     }
   }
-  // out[g * T + t] = q_g . k~_{first + t}, from the prepared w [nq][d] and bias [nq].
+  // out[g * T + t] = q_g . k~_{first + t}, from the prepared w [nq][d] and bias.
   // WeightBits: the precision the integer kernels round w to (codec::weights8 asks for 8).
   template <int WeightBits = 16>
-  static void key_logits(const std::byte* page, int first, int T, int d, int /*page_tokens*/, const float* w,
+  static void key_logits(const std::byte* page, int first, int T, int d, int page_tokens, const float* w,
                          const float* bias, int nq, float* out) noexcept {
-    detail::dot_code_rows<Bits, WeightBits>(w, nq, codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d),
-                                            row_bytes(d), T, d, out);
-    for (int g = 0; g < nq; ++g)
-      for (int t = 0; t < T; ++t) out[g * T + t] += bias[g];
+    const float* b = grid_bias(bias, nq, d);
+    int k = Grids == 1 ? 0 : grid_of(page, d, page_tokens, first);
+    const int end = Grids == 1 ? page_tokens : grid_first(page, d, page_tokens, k + 1);
+    if (first + T <= end) {  // one grid: straight into out
+      detail::dot_code_rows<Bits, WeightBits>(grid_weights(w, bias, nq, d, k), nq,
+                                              codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d),
+                                              row_bytes(d), T, d, out);
+      for (int g = 0; g < nq; ++g)
+        for (int t = 0; t < T; ++t) out[g * T + t] += b[g * Grids + k];
+      return;
+    }
+    // The chunk crosses grids: each grid's rows through a buffer.
+    float part[8 * 64];
+    for (int a = first; a < first + T; ++k) {
+      const int hi = grid_first(page, d, page_tokens, k + 1);
+      const int m = (hi < first + T ? hi : first + T) - a;
+      if (m <= 0) continue;
+      detail::dot_code_rows<Bits, WeightBits>(grid_weights(w, bias, nq, d, k), nq,
+                                              codes(page, d) + static_cast<std::size_t>(a) * row_bytes(d), row_bytes(d),
+                                              m, d, part);
+      for (int g = 0; g < nq; ++g)
+        for (int t = 0; t < m; ++t) out[g * T + (a - first) + t] = part[g * m + t] + b[g * Grids + k];
+      a += m;
+    }
   }
-  static constexpr int bias_floats(int /*d*/) noexcept { return 1; }
+  static constexpr int bias_floats(int d) noexcept { return Grids + (Grids - 1) * d; }
   // True where key_logits runs the integer code kernels (16-bit query rows; code_kernels.hpp).
   static constexpr bool integer_attention(int d) noexcept { return detail::integer_code_kernels<Bits>(d); }
 
  private:
   static constexpr int max_head_dim_rows = 512;
-  static constexpr int max_grids = detail::max_reencode_sources + 1;
+  static constexpr int max_page_tokens = kvc::max_page_tokens;
+  // Runs of rows from one grid: each of the max_reencode_sources sources' Grids grids, and
+  // rows from pages not passed.
+  static constexpr int max_runs = detail::max_reencode_sources * Grids + 1;
+  // The grids one part of a page chooses among, besides its rows' own min-max grid.
+  static constexpr int max_candidates = max_runs < 8 ? max_runs : 8;
 
-  // origin.source when it names one of the ns sources passed, else -1.
-  static int source_of(const detail::row_origin& o, int ns) noexcept {
-    return o.source >= 0 && o.source < ns ? o.source : -1;
+  static float* grid_weights(float* w, float* bias, int nq, int d, int k) noexcept {
+    return k == 0 ? w : bias + static_cast<std::size_t>(k - 1) * nq * d;
+  }
+  static const float* grid_weights(const float* w, const float* bias, int nq, int d, int k) noexcept {
+    return k == 0 ? w : bias + static_cast<std::size_t>(k - 1) * nq * d;
+  }
+  static float* grid_bias(float* bias, int nq, int d) noexcept {
+    return bias + static_cast<std::size_t>(Grids - 1) * nq * d;
+  }
+  static const float* grid_bias(const float* bias, int nq, int d) noexcept {
+    return bias + static_cast<std::size_t>(Grids - 1) * nq * d;
+  }
+  static void set_first(std::byte* page, int d, int k, int row) noexcept {
+    const auto f = static_cast<std::uint16_t>(row);
+    std::memcpy(page + Grids * grid_bytes(d) + 2 * static_cast<std::size_t>(k - 1), &f, sizeof f);
+  }
+  // Grids [used, Grids) empty, with zero parameters.
+  static void set_unused_grids(std::byte* page, int d, int page_tokens, int used) noexcept {
+    for (int k = used < 1 ? 1 : used; k < Grids; ++k) {
+      std::memset(grid_scales(page, d, k), 0, grid_bytes(d));
+      set_first(page, d, k, page_tokens);
+    }
   }
 
-  // reencode's choice, 32 channels at a time: grid k < ns is source k's, grid ns the min-max
-  // grid of the rows x [n][d] (n >= 1). A grid is compared by its bits, (scale << 16) | zero.
-  static void choose_grids(const float* x, int n, int d, const std::byte* const* sources, int ns,
-                           const detail::row_origin* origin, std::uint16_t* scale, std::uint16_t* zero) noexcept {
-    std::uint32_t grid[max_grids][32];
-    float s[max_grids][32], z[max_grids][32];
-    double cost[max_grids][32];
-    float counted[max_grids][max_grids][32];
+  // The distinct grids that a part's rows were quantized on (from[] values >= 0, in order of
+  // first appearance; the first max_candidates of them).
+  struct candidates {
+    int n = 0;
+    std::int8_t grid[max_candidates];
+    const std::uint16_t* scale[max_candidates];
+    const std::uint16_t* zero[max_candidates];
+    candidates(const std::byte* const* sources, int d, const std::int8_t* from, int m) noexcept {
+      for (int r = 0; r < m && n < max_candidates; ++r) {
+        if (from[r] < 0 || index(from[r]) >= 0) continue;
+        const std::byte* src = sources[from[r] / Grids];
+        grid[n] = from[r];
+        scale[n] = grid_scales(src, d, from[r] % Grids);
+        zero[n] = grid_zeros(src, d, from[r] % Grids);
+        ++n;
+      }
+    }
+    // The candidate of grid f, or -1.
+    int index(std::int8_t f) const noexcept {
+      for (int j = 0; j < n; ++j)
+        if (grid[j] == f) return j;
+      return -1;
+    }
+  };
+
+  // Joins neighbouring parts of rows x [n][d] (start[0..np], np > Grids) until Grids remain,
+  // each time the pair whose joining adds the least to the squared error of choose_grids.
+  static void join_runs(const float* x, int d, const std::byte* const* sources, const std::int8_t* from, int* start,
+                        int& np) noexcept {
+    auto cost = [&](int a, int b) {
+      const candidates cand(sources, d, from + a, b - a);
+      return choose_grids(x + static_cast<std::size_t>(a) * d, b - a, d, cand, from + a, nullptr, nullptr);
+    };
+    double own[max_runs], joined[max_runs];  // joined[p]: parts p and p + 1 as one
+    for (int p = 0; p < np; ++p) own[p] = cost(start[p], start[p + 1]);
+    for (int p = 0; p + 1 < np; ++p) joined[p] = cost(start[p], start[p + 2]);
+    while (np > Grids) {
+      int best = 0;
+      for (int p = 1; p + 1 < np; ++p)
+        if (joined[p] - own[p] - own[p + 1] < joined[best] - own[best] - own[best + 1]) best = p;
+      own[best] = joined[best];
+      for (int p = best + 1; p < np; ++p) {
+        start[p] = start[p + 1];
+        own[p] = own[p + 1];
+        joined[p] = joined[p + 1];
+      }
+      --np;
+      if (best > 0) joined[best - 1] = cost(start[best - 1], start[best + 1]);
+      if (best + 1 < np) joined[best] = cost(start[best], start[best + 2]);
+    }
+  }
+
+  // The choice for n >= 1 rows x [n][d] whose row r was quantized on grid from[r]: 32
+  // channels at a time, candidate j < cand.n is that grid, candidate cand.n the min-max grid of
+  // the rows; a grid is compared by its bits, (scale << 16) | zero. Writes scale and zero
+  // (when not null) and returns the squared error of the choice.
+  static double choose_grids(const float* x, int n, int d, const candidates& cand, const std::int8_t* from,
+                             std::uint16_t* scale, std::uint16_t* zero) noexcept {
+    constexpr int mc = max_candidates + 1;
+    const int nc = cand.n;
+    std::uint32_t grid[mc][32];
+    float s[mc][32], z[mc][32];
+    double cost[mc][32];
+    float counted[mc][mc][32];
+    double total = 0.0;
     for (int c0 = 0; c0 < d; c0 += 32) {
       const int m = d - c0 < 32 ? d - c0 : 32;
       std::uint16_t own_scale[32], own_zero[32];  // the rows' min-max grid
       detail::channel_minmax(x, n, d, c0, m, Bits, own_scale, own_zero);
-      for (int k = 0; k <= ns; ++k) {
+      for (int k = 0; k <= nc; ++k) {
         for (int i = 0; i < m; ++i) {
-          const std::uint16_t sk = k < ns ? scales(sources[k])[c0 + i] : own_scale[i];
-          const std::uint16_t zk = k < ns ? zeros(sources[k], d)[c0 + i] : own_zero[i];
+          const std::uint16_t sk = k < nc ? cand.scale[k][c0 + i] : own_scale[i];
+          const std::uint16_t zk = k < nc ? cand.zero[k][c0 + i] : own_zero[i];
           grid[k][i] = static_cast<std::uint32_t>(sk) << 16 | zk;
           s[k][i] = detail::half_to_float_scalar(sk);
           z[k][i] = detail::half_to_float_scalar(zk);
           cost[k][i] = 0.0;
         }
       }
-      // counted[o + 1][k][i] is 0 where candidate k has the bits of source o's grid (o = -1:
-      // a row from a page not passed), so that a row of o keeps its code: no error. Else 1.
-      for (int o = -1; o < ns; ++o)
-        for (int k = 0; k <= ns; ++k)
+      // counted[o + 1][k][i] is 0 where candidate k has the bits of candidate o's grid (o = -1:
+      // a row of no candidate), so that a row of o keeps its code: no error. Else 1.
+      for (int o = -1; o < nc; ++o)
+        for (int k = 0; k <= nc; ++k)
           for (int i = 0; i < m; ++i) counted[o + 1][k][i] = o >= 0 && grid[o][i] == grid[k][i] ? 0.0f : 1.0f;
       for (int r = 0; r < n; ++r) {
         const float* xr = x + static_cast<std::size_t>(r) * d + c0;
-        const int o = source_of(origin[r], ns);
-        for (int k = 0; k <= ns; ++k) {
+        const int o = cand.index(from[r]);
+        for (int k = 0; k <= nc; ++k) {
           if (k == o) continue;  // the row's own grid: no error in any channel
           detail::add_grid_errors(xr, m, s[k], z[k], counted[o + 1][k], Bits, cost[k]);
         }
       }
       for (int i = 0; i < m; ++i) {
         int best = 0;  // ties go to the first: a source's grid before the min-max one
-        for (int k = 1; k <= ns; ++k) best = cost[k][i] < cost[best][i] ? k : best;
-        scale[c0 + i] = static_cast<std::uint16_t>(grid[best][i] >> 16);
-        zero[c0 + i] = static_cast<std::uint16_t>(grid[best][i] & 0xFFFFu);
+        for (int k = 1; k <= nc; ++k) best = cost[k][i] < cost[best][i] ? k : best;
+        total += cost[best][i];
+        if (scale != nullptr) {
+          scale[c0 + i] = static_cast<std::uint16_t>(grid[best][i] >> 16);
+          zero[c0 + i] = static_cast<std::uint16_t>(grid[best][i] & 0xFFFFu);
+        }
       }
     }
+    return total;
   }
 };
 
@@ -564,14 +790,14 @@ using int8 = int8_rows<>;
 
 // ---------------------------------------------------------------- kivi
 
-// KIVI's recipe as one name: keys per channel (kivi_channel<Bits, R>), values per token in
+// KIVI's recipe as one name: keys per channel (kivi_channel<Bits, R, Grids>), values per token in
 // groups of Group (kivi_token<Bits, Group>). paged_kv_cache takes key from its key codec
 // argument and value from its value codec argument.
-template <int Bits, int Group = 32, rotation R = rotation::none>
+template <int Bits, int Group = 32, rotation R = rotation::none, int Grids = 1>
 struct kivi {
-  using key = kivi_channel<Bits, R>;
+  using key = kivi_channel<Bits, R, Grids>;
   using value = kivi_token<Bits, Group>;
-  static constexpr const char* name = detail::qcodec::by_bits<Bits>("kivi<2>", "kivi<3>", "kivi<4>", "kivi<8>");
+  static constexpr const char* name = detail::qcodec::pair_name<Bits, Grids>::value.c;
   static constexpr int bits = Bits;
 };
 

@@ -1548,6 +1548,7 @@ template <int Bits, int Q>
 KVC_CODE_INLINE void value_block(const value_weights& vw, const std::uint8_t* at, std::size_t stride, int T, int c,
                                  int k, float* acc, std::size_t ds) noexcept {
   constexpr int run = Bits == 4 ? 8 : vchunk / 2;  // row pairs an int16 lane can add up
+  if (T < 1) return;                               // so that the first pass below, which writes every sum, always runs
   const int pairs = (T + 1) / 2;
   alignas(32) std::int32_t sum[Q][32];
   for (int p0 = 0; p0 < pairs; p0 += run) {
