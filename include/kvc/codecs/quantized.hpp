@@ -3,9 +3,9 @@
 //
 //   codec::kivi_channel<Bits, R, Grids>
 //                                    keys: each channel quantized over the tokens of a sealed
-//                                    page (the page is KIVI's group along tokens); Grids > 1
-//                                    lets a page compaction refilled keep up to Grids grids,
-//                                    one per run of rows (see Eviction)
+//                                    page (the page is KIVI's group along tokens); with
+//                                    Grids > 1 a page that compaction refills keeps up to
+//                                    Grids grids, one per run of rows (see Eviction)
 //   codec::kivi_token<Bits, Group>   values: each token quantized in groups of Group channels
 //   codec::kivi<Bits, Group, R, Grids>
 //                                    the pair, for paged_kv_cache<kivi<2>> (keys per channel,
