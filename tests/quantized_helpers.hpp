@@ -146,16 +146,6 @@ bool byte_kernels(int d) {
     return (void)d, false;
 }
 
-// The grids a page of codec C holds (kivi_channel's Grids; 1 for codecs without them).
-template <class C, class = void>
-struct grids_of_impl : std::integral_constant<int, 1> {};
-template <class C>
-struct grids_of_impl<C, std::void_t<decltype(C::grids)>> : std::integral_constant<int, C::grids> {};
-template <class C>
-constexpr int grids_of() {
-  return grids_of_impl<C>::value;
-}
-
 // attend() computes q.k and p.v from the codes page by page (codec key_logits and
 // accumulate_values); the result equals softmax attention in double over the rows the
 // cache decodes, for a decode query and a causal block of 24 queries (several GQA runs),

@@ -295,7 +295,7 @@ TYPED_TEST(QuantizedCache, RepeatedEvictionsAgainstOneRound) {
   }
   std::printf("%s: attention error after 10 rounds of 10%% / one round: %.4f / %.4f = %.3f\n", K::name, e_many, e_one,
               e_many / e_one);
-  EXPECT_LE(e_many, (kvc::detail::token_granular_v<K> || grids_of<K>() >= 3 ? 1.1 : 1.3) * e_one) << K::name;
+  EXPECT_LE(e_many, (kvc::detail::token_granular_v<K> || kvc::detail::grids_v<K> >= 3 ? 1.1 : 1.3) * e_one) << K::name;
 }
 
 // Compaction that moves every kept row of a page as a block, without mixing pages, changes no

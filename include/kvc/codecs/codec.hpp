@@ -71,6 +71,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 #include "kvc/version.hpp"
@@ -212,6 +213,14 @@ template <class T>
 struct token_granular_impl<T, true> : std::bool_constant<T::token_granular> {};
 template <class T>
 inline constexpr bool token_granular_v = token_granular_impl<T>::value;
+
+// The key grids a page of T holds: T::grids where T has it (kivi_channel), else 1.
+template <class T, class = void>
+struct grids_impl : std::integral_constant<int, 1> {};
+template <class T>
+struct grids_impl<T, std::void_t<decltype(T::grids)>> : std::integral_constant<int, T::grids> {};
+template <class T>
+inline constexpr int grids_v = grids_impl<T>::value;
 }  // namespace detail
 
 namespace detail {
@@ -278,7 +287,7 @@ constexpr bool integer_attention_v(int d) noexcept {
 }  // namespace detail
 
 namespace detail {
-// head + inner + ">" as a constant string: the names of codec wrappers ("gear<kivi<2>>").
+// Constant strings, for the names of codec wrappers ("gear<kivi<2>>") and variants.
 template <std::size_t N>
 struct text {
   char c[N];
@@ -290,16 +299,21 @@ constexpr std::size_t length(const char* s) noexcept {
   return n;
 }
 
-// N = length(head) + length(inner) + 2.
+// a, b and c one after the other; N = length(a) + length(b) + length(c) + 1.
 template <std::size_t N>
-constexpr text<N> wrapped_name(const char* head, const char* inner) noexcept {
+constexpr text<N> joined(const char* a, const char* b, const char* c) noexcept {
   text<N> t{};
   std::size_t i = 0;
-  for (std::size_t j = 0; head[j] != '\0'; ++j) t.c[i++] = head[j];
-  for (std::size_t j = 0; inner[j] != '\0'; ++j) t.c[i++] = inner[j];
-  t.c[i++] = '>';
+  for (const char* s : {a, b, c})
+    for (std::size_t j = 0; s[j] != '\0'; ++j) t.c[i++] = s[j];
   t.c[i] = '\0';
   return t;
+}
+
+// head + inner + ">"; N = length(head) + length(inner) + 2.
+template <std::size_t N>
+constexpr text<N> wrapped_name(const char* head, const char* inner) noexcept {
+  return joined<N>(head, inner, ">");
 }
 }  // namespace detail
 

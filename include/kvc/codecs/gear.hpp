@@ -123,19 +123,13 @@ struct pair_of {
   static constexpr const char* name = name_of<Pair>::value.c;
 };
 
-// The key grids a page of C holds: C::grids where C has it (kivi_channel), else 1.
-template <class C, class = void>
-struct grids_of : std::integral_constant<int, 1> {};
-template <class C>
-struct grids_of<C, std::void_t<decltype(C::grids)>> : std::integral_constant<int, C::grids> {};
-
 template <class Base, int OutlierPerMille, int Rank, int Steps>
 struct page_codec {
   static_assert(is_codec_v<Base>, "codec::gear: Base must be a page codec or a codec pair (codec.hpp)");
   static_assert(OutlierPerMille >= 0 && OutlierPerMille <= 1000, "codec::gear: OutlierPerMille outside [0, 1000]");
   static_assert(Rank >= 0 && Rank <= 64, "codec::gear: Rank outside [0, 64]");
   static_assert(Steps >= 0, "codec::gear: Steps must be >= 0");
-  static_assert(grids_of<Base>::value == 1,
+  static_assert(grids_v<Base> == 1,
                 "codec::gear: Base keeps more than one key grid a page (kivi_channel's Grids), which gear cannot use: "
                 "it encodes every changed page afresh; use Grids = 1");
 

@@ -157,33 +157,25 @@ constexpr const char* by_bits(const char* b2, const char* b3, const char* b4, co
   return Bits == 2 ? b2 : Bits == 3 ? b3 : Bits == 4 ? b4 : b8;
 }
 
-// head, then "+grids" and the count when grids > 1 (N = length(head) + 8).
-template <std::size_t N>
-constexpr text<N> with_grids(const char* head, int grids) noexcept {
-  text<N> t{};
-  std::size_t i = 0;
-  for (std::size_t j = 0; head[j] != '\0'; ++j) t.c[i++] = head[j];
-  if (grids > 1) {
-    for (const char* p = "+grids"; *p != '\0'; ++p) t.c[i++] = *p;
-    t.c[i++] = static_cast<char>('0' + grids);
-  }
-  t.c[i] = '\0';
-  return t;
+// The names of kivi_channel<Bits, R, Grids> and kivi<Bits, Group, R, Grids>: "+grids3" after
+// the name with one grid.
+constexpr const char* grids_suffix(int grids) noexcept {
+  return grids == 2 ? "+grids2" : grids == 3 ? "+grids3" : grids == 4 ? "+grids4" : "";
 }
-
-// The names of kivi_channel<Bits, R, Grids> and kivi<Bits, Group, R, Grids>.
 template <int Bits, bool Hadamard, int Grids>
 struct channel_name {
   static constexpr const char* head =
       Hadamard ? by_bits<Bits>("kivi_channel<2>+hadamard", "kivi_channel<3>+hadamard", "kivi_channel<4>+hadamard",
                                "kivi_channel<8>+hadamard")
                : by_bits<Bits>("kivi_channel<2>", "kivi_channel<3>", "kivi_channel<4>", "kivi_channel<8>");
-  static constexpr text<length(head) + 8> value = with_grids<length(head) + 8>(head, Grids);
+  static constexpr std::size_t size = length(head) + length(grids_suffix(Grids)) + 1;
+  static constexpr text<size> value = joined<size>(head, grids_suffix(Grids), "");
 };
 template <int Bits, int Grids>
 struct pair_name {
   static constexpr const char* head = by_bits<Bits>("kivi<2>", "kivi<3>", "kivi<4>", "kivi<8>");
-  static constexpr text<length(head) + 8> value = with_grids<length(head) + 8>(head, Grids);
+  static constexpr std::size_t size = length(head) + length(grids_suffix(Grids)) + 1;
+  static constexpr text<size> value = joined<size>(head, grids_suffix(Grids), "");
 };
 
 }  // namespace qcodec
@@ -244,7 +236,7 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R, Grids
     if (k <= 0) return 0;
     if (k >= Grids) return page_tokens;
     std::uint16_t f;
-    std::memcpy(&f, page + Grids * grid_bytes(d) + 2 * static_cast<std::size_t>(k - 1), sizeof f);
+    std::memcpy(&f, page + first_offset(d, k), sizeof f);
     return f;
   }
   // The grid that row `row` of a page is quantized on.
@@ -412,27 +404,19 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R, Grids
   static void key_logits(const std::byte* page, int first, int T, int d, int page_tokens, const float* w,
                          const float* bias, int nq, float* out) noexcept {
     const float* b = grid_bias(bias, nq, d);
-    int k = Grids == 1 ? 0 : grid_of(page, d, page_tokens, first);
-    const int end = Grids == 1 ? page_tokens : grid_first(page, d, page_tokens, k + 1);
-    if (first + T <= end) {  // one grid: straight into out
-      detail::dot_code_rows<Bits, WeightBits>(grid_weights(w, bias, nq, d, k), nq,
-                                              codes(page, d) + static_cast<std::size_t>(first) * row_bytes(d),
-                                              row_bytes(d), T, d, out);
-      for (int g = 0; g < nq; ++g)
-        for (int t = 0; t < T; ++t) out[g * T + t] += b[g * Grids + k];
-      return;
-    }
-    // The chunk crosses grids: each grid's rows through a buffer.
+    // Grid by grid: a chunk on one grid straight into out, one that crosses grids in parts
+    // through a buffer.
     float part[8 * 64];
-    for (int a = first; a < first + T; ++k) {
+    for (int a = first, k = Grids == 1 ? 0 : grid_of(page, d, page_tokens, first); a < first + T; ++k) {
       const int hi = grid_first(page, d, page_tokens, k + 1);
       const int m = (hi < first + T ? hi : first + T) - a;
       if (m <= 0) continue;
+      float* o = m == T ? out : part;
       detail::dot_code_rows<Bits, WeightBits>(grid_weights(w, bias, nq, d, k), nq,
                                               codes(page, d) + static_cast<std::size_t>(a) * row_bytes(d), row_bytes(d),
-                                              m, d, part);
+                                              m, d, o);
       for (int g = 0; g < nq; ++g)
-        for (int t = 0; t < m; ++t) out[g * T + (a - first) + t] = part[g * m + t] + b[g * Grids + k];
+        for (int t = 0; t < m; ++t) out[g * T + (a - first) + t] = o[g * m + t] + b[g * Grids + k];
       a += m;
     }
   }
@@ -449,21 +433,23 @@ struct kivi_channel : detail::qcodec::quantized_base<kivi_channel<Bits, R, Grids
   // The grids one part of a page chooses among, besides its rows' own min-max grid.
   static constexpr int max_candidates = max_runs < 8 ? max_runs : 8;
 
-  static float* grid_weights(float* w, float* bias, int nq, int d, int k) noexcept {
+  // Where prepare_queries puts grid k's q s rows ([nq][d]) and the q . zero of all grids
+  // ([nq][Grids]); F is float or const float.
+  template <class F>
+  static F* grid_weights(F* w, F* bias, int nq, int d, int k) noexcept {
     return k == 0 ? w : bias + static_cast<std::size_t>(k - 1) * nq * d;
   }
-  static const float* grid_weights(const float* w, const float* bias, int nq, int d, int k) noexcept {
-    return k == 0 ? w : bias + static_cast<std::size_t>(k - 1) * nq * d;
-  }
-  static float* grid_bias(float* bias, int nq, int d) noexcept {
+  template <class F>
+  static F* grid_bias(F* bias, int nq, int d) noexcept {
     return bias + static_cast<std::size_t>(Grids - 1) * nq * d;
   }
-  static const float* grid_bias(const float* bias, int nq, int d) noexcept {
-    return bias + static_cast<std::size_t>(Grids - 1) * nq * d;
+  // Where the first row of grid k (0 < k < Grids) is stored, after the grids.
+  static constexpr std::size_t first_offset(int d, int k) noexcept {
+    return Grids * grid_bytes(d) + 2 * static_cast<std::size_t>(k - 1);
   }
   static void set_first(std::byte* page, int d, int k, int row) noexcept {
     const auto f = static_cast<std::uint16_t>(row);
-    std::memcpy(page + Grids * grid_bytes(d) + 2 * static_cast<std::size_t>(k - 1), &f, sizeof f);
+    std::memcpy(page + first_offset(d, k), &f, sizeof f);
   }
   // Grids [used, Grids) empty, with zero parameters.
   static void set_unused_grids(std::byte* page, int d, int page_tokens, int used) noexcept {
