@@ -953,7 +953,7 @@ class paged_kv_cache {
   // adjacent (the heads of one GQA group), the key codec turns each chunk of up to 64 tokens'
   // codes into logits for all of them and the value codec adds p * v from the value codes;
   // the online softmax is attend_tile's, per chunk. False once the page starts after every query.
-  // The next page is asked for at the steps of the first chunk (fetch_next): the start, the
+  // The next page is asked for at the steps of each chunk (next_page_fetch): the start, the
   // queries' preparation, the logits, each query row's softmax, the values.
   bool attend_page_fused(detail::row_block& b, page_id p, page_id next) const noexcept {
     const int d = shape().head_dim, P = config_.page_tokens;
@@ -1032,14 +1032,13 @@ class paged_kv_cache {
     const paged_kv_cache& c;
     page_id page;
     int slices = 2;
-    std::size_t head = 0, per = 0;  // bytes of positions and log-weights; lines a slice
-    int done = 0;                   // slices asked for
+    std::size_t per = 0;  // lines a slice; 0: the two parts of a small page
+    int done = 0;         // slices (parts) asked for
 
     next_page_fetch(const paged_kv_cache& cache, page_id p, int chunks) noexcept : c(cache), page(p) {
       const page_layout& l = c.sealed_;
       if (l.bytes - l.keys < 4096) return;
       slices = next_steps * chunks;
-      head = l.bytes - l.positions;
       const std::size_t lines = (l.bytes - l.keys + 63) / 64;
       per = (lines + static_cast<std::size_t>(slices) - 1) / static_cast<std::size_t>(slices);
     }
@@ -1057,7 +1056,8 @@ class paged_kv_cache {
         }
         return;
       }
-      const std::size_t total = head + (l.positions - l.keys);
+      // Offsets in the reading order: [0, head) positions and log-weights, then keys and values.
+      const std::size_t head = l.bytes - l.positions, total = l.bytes - l.keys;
       for (; done < step && done < slices; ++done) {
         const std::size_t a = std::min(total, per * 64 * static_cast<std::size_t>(done));
         const std::size_t z = std::min(total, a + per * 64);
